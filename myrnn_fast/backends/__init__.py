@@ -1,0 +1,23 @@
+"""The one kernel contract, implemented once per backend (one file each: ``_<name>.py``).
+
+Every backend computes a single layer in a single direction of the Elman recurrence
+``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)`` and nothing else::
+
+    layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes=None) -> (out, h_n)
+
+- dense input (``batch_sizes is None``): ``x`` is ``[T, B, I]`` and ``out`` is ``[T, B, H]``;
+- packed input: ``x`` is the data of a ``PackedSequence``, ``[N, I]`` with ``N = sum(batch_sizes)``,
+  ``batch_sizes`` the non-increasing number of active rows per step (int64, on the CPU), and
+  ``out`` is ``[N, H]`` in the same packed order. A dense input is the packed case with every
+  step holding all ``B`` rows, which is how the backends treat it.
+- ``h0`` and ``h_n`` are ``[B, H]``; ``h_n[b]`` is row ``b``'s state after its own last step.
+- ``w_ih [H, I]``, ``w_hh [H, H]``; ``b_ih``, ``b_hh`` are ``[H]`` or both ``None``;
+  ``nonlinearity`` is ``"tanh"`` or ``"relu"``.
+- Differentiable with respect to ``x``, ``h0`` and every weight.
+
+``cell(x [B, I], h [B, H], w_ih, w_hh, b_ih, b_hh, nonlinearity) -> h' [B, H]`` is optional: a
+backend without it runs ``RNNCell`` as a one-step ``layer``.
+
+Inputs arrive validated (shapes, dtypes, devices agree) from ``myrnn_fast.modules``, which also
+owns layers, directions, dropout, ``batch_first``, unbatched input and packing.
+"""

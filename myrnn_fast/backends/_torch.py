@@ -1,0 +1,137 @@
+"""``torch``: the recurrence vectorized over the batch, with a hand-written backward.
+
+Forward: the input projection of every step is one GEMM; each step then adds ``h W_hh^T`` in
+place (``addmm_``) and applies the nonlinearity in place, so a step costs two ATen calls and no
+autograd bookkeeping. Only the outputs are saved.
+
+Backward: the reverse recurrence costs two calls a step (``addmm`` folds the incoming hidden
+gradient into the output gradient, then a multiply by the activation's derivative, written in
+terms of the saved outputs). The gradients of the input, the weights and the biases are then
+single GEMMs / reductions over all steps at once. The backward is itself made of differentiable
+torch operations, so double backward works.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import activation, as_rows, like_input
+
+DEVICE_TYPES = None  # plain torch operations run wherever torch does
+
+
+def unavailable_reason() -> str | None:
+    return None
+
+
+class _Layer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, h0, w_ih, w_hh, b_ih, b_hh, steps, relu):
+        # Input projection of all steps at once; the recurrence then updates it in place.
+        if b_ih is None:
+            out = rows @ w_ih.t()
+        else:
+            out = torch.addmm(b_ih + b_hh, rows, w_ih.t())
+        w_hh_t = w_hh.t()
+        act_ = torch.relu_ if relu else torch.tanh_
+        h_n = torch.empty_like(h0)
+
+        h = h0
+        for t, out_t in enumerate(out.split(steps)):
+            active = steps[t]
+            if active != h.shape[0]:
+                # Rows active[t]..active[t-1] ended at step t-1: their state is final.
+                h_n[active : h.shape[0]] = h[active:]
+                h = h[:active]
+            out_t.addmm_(h, w_hh_t)
+            act_(out_t)
+            h = out_t
+        h_n[: h.shape[0]] = h
+
+        ctx.save_for_backward(rows, h0, w_ih, w_hh, out)
+        ctx.steps = steps
+        ctx.relu = relu
+        ctx.has_bias = b_ih is not None
+        return out, h_n
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n):
+        rows, h0, w_ih, w_hh, out = ctx.saved_tensors
+        steps = ctx.steps
+        batch = h0.shape[0]
+
+        # d act(z) / dz from the output y = act(z): 1 - y^2 for tanh, [y > 0] for relu.
+        dact = (out > 0).to(out.dtype) if ctx.relu else 1 - out * out
+        grad_out_t = grad_out.split(steps)
+        dact_t = dact.split(steps)
+
+        # Reverse recurrence. g is dL/dh_t in total: the output's own gradient plus what flows
+        # back from step t+1, or from h_n for rows whose sequence ends at step t.
+        dz_t: list[Tensor] = [None] * len(steps)  # type: ignore[list-item]
+        active_next = 0
+        dz_next = None
+        for t in range(len(steps) - 1, -1, -1):
+            active = steps[t]
+            if dz_next is None:
+                g = grad_out_t[t] + grad_h_n[:active]
+            elif active == active_next:
+                g = torch.addmm(grad_out_t[t], dz_next, w_hh)
+            else:
+                g = torch.cat(
+                    (
+                        torch.addmm(grad_out_t[t][:active_next], dz_next, w_hh),
+                        grad_out_t[t][active_next:] + grad_h_n[active_next:active],
+                    )
+                )
+            dz_next = dz_t[t] = g * dact_t[t]
+            active_next = active
+        dz = torch.cat(dz_t)
+
+        need = ctx.needs_input_grad
+        grad_rows = dz @ w_ih if need[0] else None
+        grad_h0 = (dz_next @ w_hh) if need[1] and len(steps) else None
+        grad_w_ih = dz.t() @ rows if need[2] else None
+        grad_w_hh = None
+        if need[3]:
+            # h_{t-1} for every row of every step: h0 for step 0, then the previous step's output
+            # for the rows still active. Dense input needs no gather: it is out shifted by B.
+            dz0, dz_rest = dz[:batch], dz[batch:]
+            if all(s == batch for s in steps):
+                prev = out[: out.shape[0] - batch]
+            else:
+                prev = out.index_select(0, _previous_rows(steps, out.device))
+            grad_w_hh = torch.addmm(dz0.t() @ h0, dz_rest.t(), prev)
+        grad_b = dz.sum(0) if ctx.has_bias and (need[4] or need[5]) else None
+        return grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None
+
+
+def _previous_rows(steps: list[int], device: torch.device) -> Tensor:
+    """For packed rows of steps 1.., the row index of the same batch row one step earlier."""
+    sizes = torch.tensor(steps, dtype=torch.long)
+    step_of_row = torch.repeat_interleave(torch.arange(len(steps)), sizes)[steps[0] :]
+    index = torch.arange(steps[0], int(sizes.sum())) - sizes[step_of_row - 1]
+    return index.to(device)
+
+
+def layer(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    nonlinearity: str,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    activation(nonlinearity)  # validates the name
+    rows, steps = as_rows(x, batch_sizes)
+    out, h_n = _Layer.apply(rows, h0, w_ih, w_hh, b_ih, b_hh, steps, nonlinearity == "relu")
+    return like_input(out, x, batch_sizes), h_n
+
+
+def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    """One step has nothing to fuse across time: ATen's composite cell is the vectorized step
+    (two linear maps, the nonlinearity) in one call, differentiated by autograd."""
+    step = torch.rnn_relu_cell if nonlinearity == "relu" else torch.rnn_tanh_cell
+    return step(x, h, w_ih, w_hh, b_ih, b_hh)

@@ -1,0 +1,174 @@
+"""Backend registry: which implementation of the kernel contract runs, and why.
+
+Every backend is a module under ``myrnn_fast.backends`` that provides
+
+- ``DEVICE_TYPES``: the tensor device types it runs on (``None`` for any device torch runs on);
+- ``unavailable_reason() -> str | None``: ``None`` when usable in this install, otherwise a
+  sentence saying why not and how to get it;
+- ``layer(...)`` (and optionally ``cell(...)``), the kernel contract of ``myrnn_fast.backends``.
+
+The process default comes from ``MYRNN_BACKEND`` at import time (``auto`` when unset), can be
+changed with :func:`set_backend` or, for a block, :func:`use_backend`; a module's ``backend=``
+argument overrides it for that module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "torch", "numba", "cpp")
+AUTO = "auto"
+
+# What `auto` tries, fastest first. The reference loop comes last: it is the oracle, not a choice.
+_AUTO_ORDER = ("cpp", "numba", "torch", "reference")
+
+_MODULES = {
+    "reference": "myrnn_fast.backends._reference",
+    "torch": "myrnn_fast.backends._torch",
+}
+# Backends named by the public surface whose kernels are not in this release yet.
+_NOT_SHIPPED = {
+    "numba": "its Numba kernels are not part of this release yet",
+    "cpp": (
+        "its fused kernels are not part of this release yet (the extension myrnn_fast._C is "
+        "built and registers the torch.ops.myrnn_fast namespace, but has no RNN ops)"
+    ),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was named explicitly but cannot run here (not installed, not built, wrong device)."""
+
+
+def check_name(name: str, *, allow_auto: bool = True) -> str:
+    valid = ((AUTO,) if allow_auto else ()) + BACKENDS
+    if not isinstance(name, str) or name not in valid:
+        raise ValueError(f"unknown backend {name!r}; valid names are: {', '.join(valid)}")
+    return name
+
+
+@functools.cache
+def _load(name: str) -> ModuleType | None:
+    path = _MODULES.get(name)
+    return importlib.import_module(path) if path else None
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run in this install, or ``None`` if it can."""
+    return _unavailable_reason(check_name(name, allow_auto=False))
+
+
+@functools.cache  # an install does not change under a running process
+def _unavailable_reason(name: str) -> str | None:
+    if name in _NOT_SHIPPED:
+        return _NOT_SHIPPED[name]
+    try:
+        module = _load(name)
+    except ImportError as exc:  # a broken install; say so rather than hide the backend
+        return f"importing it failed: {exc}"
+    return module.unavailable_reason()
+
+
+def available_backends() -> list[str]:
+    """The backends usable in this install, in ``BACKENDS`` order."""
+    return [name for name in BACKENDS if unavailable_reason(name) is None]
+
+
+def _require(name: str) -> ModuleType:
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available: {reason}. "
+            f"Available here: {', '.join(available_backends())} (or 'auto')."
+        )
+    return _load(name)
+
+
+def _runs_on(name: str, device_type: str) -> bool:
+    types = _load(name).DEVICE_TYPES
+    return types is None or device_type in types
+
+
+def _from_env() -> str:
+    value = os.environ.get("MYRNN_BACKEND", "").strip() or AUTO
+    try:
+        return check_name(value)
+    except ValueError as exc:
+        raise ValueError(f"MYRNN_BACKEND: {exc}") from None
+
+
+_default = _from_env()
+
+
+def get_backend() -> str:
+    """The process default: ``'auto'`` or a backend name."""
+    return _default
+
+
+def set_backend(name: str) -> None:
+    """Set the process default to ``'auto'`` or a backend name that is usable here."""
+    global _default
+    check_name(name)
+    if name != AUTO:
+        _require(name)
+    _default = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """``with use_backend("torch"): ...`` sets the process default and restores it on exit."""
+    global _default
+    previous = _default
+    set_backend(name)
+    try:
+        yield name
+    finally:
+        _default = previous
+
+
+def resolve_backend(device: torch.device | str | None = None, name: str | None = None) -> str:
+    """The concrete backend that runs for tensors on ``device``.
+
+    ``name`` is a module's own choice (``None`` follows the process default). ``auto`` picks the
+    fastest usable backend for the device type; an explicit name that cannot run there is an error.
+    """
+    device_type = torch.device(device if device is not None else "cpu").type
+    requested = check_name(name) if name is not None else _default
+    return _resolve(requested, device_type)[0]
+
+
+def kernels(device: torch.device, name: str | None = None) -> ModuleType:
+    """The backend module that runs for tensors on ``device``: :func:`resolve_backend` for the
+    modules' forward, where it runs on every call and so is cached."""
+    return _resolve(_default if name is None else name, device.type)[1]
+
+
+@functools.cache  # availability is fixed per process, so the answer is too
+def _resolve(requested: str, device_type: str) -> tuple[str, ModuleType]:
+    check_name(requested)
+    if requested == AUTO:
+        for candidate in _AUTO_ORDER:
+            if unavailable_reason(candidate) is None and _runs_on(candidate, device_type):
+                return candidate, _load(candidate)
+        raise BackendUnavailableError(f"no backend runs on {device_type!r} tensors")
+    module = _require(requested)
+    if not _runs_on(requested, device_type):
+        others = [n for n in available_backends() if _runs_on(n, device_type)]
+        raise BackendUnavailableError(
+            f"backend {requested!r} does not run on {device_type!r} tensors "
+            f"(it runs on: {', '.join(module.DEVICE_TYPES)}); "
+            f"backends for {device_type!r}: {', '.join(others)}"
+        )
+    return requested, module
+
+
+def implementation(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (which must be usable)."""
+    return _require(check_name(name, allow_auto=False))

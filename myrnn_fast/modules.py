@@ -1,0 +1,444 @@
+"""``RNN`` and ``RNNCell``: drop-in for ``torch.nn.RNN`` / ``torch.nn.RNNCell``.
+
+Everything that is not the single-layer recurrence lives here, once, for every backend: argument
+and input checks (same exception types and messages as ``torch.nn``), parameters (same names,
+shapes, registration order and initialization, so ``state_dict`` moves both ways), stacked layers,
+the reverse direction, dropout between layers, ``batch_first``, unbatched input and
+``PackedSequence``. The recurrence itself is the backend's ``layer`` (see ``myrnn_fast.backends``).
+
+These classes deliberately do not subclass ``torch.nn.RNN``: ``torch.compile`` refuses to trace
+any instance of it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import registry
+
+_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+
+
+class _NotATensorError(TypeError, AttributeError):
+    """A non-tensor where a tensor belongs. ``torch.nn.RNN`` fails there with ``AttributeError``
+    (``'list' object has no attribute 'dim'``); this is both that and the ``TypeError`` it means."""
+
+
+def _tensor(value, what: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise _NotATensorError(f"{what} must be a Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_backend(backend: str | None) -> str | None:
+    """Validate a module's ``backend=``: unknown names and unusable backends fail at construction."""
+    if backend is not None and registry.check_name(backend) != registry.AUTO:
+        registry.implementation(backend)
+    return backend
+
+
+def _check_devices(x: Tensor, hx: Tensor, params: list[Tensor]) -> None:
+    # Same checks and messages as ATen's check_attributes for RNNs.
+    for name, tensors in (("hidden", [hx]), ("parameter", params)):
+        for t in tensors:
+            if t.device != x.device:
+                raise RuntimeError(
+                    f"Input and {name} tensors are not at the same device, found input tensor "
+                    f"at {x.device} and {name} tensor at {t.device}"
+                )
+
+
+def _reverse_index(batch_sizes: Tensor) -> Tensor:
+    """Permutation of packed rows that reverses every sequence within its own length.
+
+    It maps the packed data of a batch to the packed data of the same batch with each sequence
+    reversed (the lengths, hence ``batch_sizes``, are unchanged), and is its own inverse.
+    """
+    batch = int(batch_sizes[0])
+    active = torch.arange(batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
+    t, b = active.nonzero(as_tuple=True)  # packed order: step-major, then row
+    lengths = active.sum(0)
+    offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
+    return offsets[lengths[b] - 1 - t] + b
+
+
+class RNN(nn.Module):
+    """Multi-layer Elman RNN with tanh or ReLU, a drop-in for :class:`torch.nn.RNN`.
+
+    Takes the same arguments, has the same parameters and returns the same values; ``backend=``
+    picks the implementation for this module (``None`` follows :func:`myrnn_fast.get_backend`).
+    """
+
+    __constants__ = [
+        "mode",
+        "input_size",
+        "hidden_size",
+        "num_layers",
+        "bias",
+        "batch_first",
+        "dropout",
+        "bidirectional",
+        "proj_size",
+    ]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+        **kwargs,
+    ) -> None:
+        # Checks in torch.nn.RNN's order, with its exception types and messages.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if kwargs:
+            raise TypeError(f"RNN got an unexpected keyword argument {next(iter(kwargs))!r}")
+        if nonlinearity not in _MODES:
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of an "
+                "element being zeroed"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}",
+                stacklevel=2,
+            )
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(
+                f"batch_first should be of type bool, got: {type(batch_first).__name__}"
+            )
+        if not isinstance(input_size, int):
+            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(
+                f"hidden_size should be of type int, got: {type(hidden_size).__name__}"
+            )
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if not isinstance(num_layers, int):
+            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+
+        super().__init__()
+        self.mode = _MODES[nonlinearity]
+        self.nonlinearity = nonlinearity
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = 0
+        self.backend = _check_backend(backend)
+
+        # Parameters in torch.nn.RNN's registration order: reset_parameters() then draws the
+        # same numbers from the same seed, and state_dict keys and order match.
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * directions
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                shapes = {
+                    "weight_ih": (hidden_size, layer_input),
+                    "weight_hh": (hidden_size, hidden_size),
+                }
+                if bias:
+                    shapes |= {"bias_ih": (hidden_size,), "bias_hh": (hidden_size,)}
+                names = []
+                for stem, shape in shapes.items():
+                    setattr(self, stem + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(stem + suffix)
+                self._flat_weights_names += names
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def flatten_parameters(self) -> None:
+        """No-op, kept for code written against ``torch.nn.RNN`` (cuDNN's weight layout)."""
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.nonlinearity != "tanh":
+            s += ", nonlinearity={nonlinearity!r}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        if self.backend is not None:
+            s += ", backend={backend!r}"
+        return s.format(**self.__dict__)
+
+    def forward(self, input, hx: Tensor | None = None):
+        directions = 2 if self.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+        else:
+            x = _tensor(input, "input")
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if x.dim() not in (2, 3):
+                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {x.dim()}D tensor instead")
+        if hx is not None:
+            hx = _tensor(hx, "hx")
+
+        batched = packed or x.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not packed:
+            if not batched:
+                x = x.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(
+                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+                )
+            batch = x.size(0) if self.batch_first else x.size(1)
+        if hx is None:
+            hx = torch.zeros(
+                self.num_layers * directions, batch, self.hidden_size, dtype=x.dtype, device=x.device
+            )
+        elif sorted_indices is not None:
+            # hx rows follow the caller's batch order; the packed data is sorted by length.
+            hx = hx.index_select(1, sorted_indices)
+
+        weights = self._flat_weights
+        self._check_forward_args(x, hx, batch_sizes, weights)
+        if not isinstance(self.bidirectional, bool):
+            raise TypeError(
+                f"bidirectional should be of type bool, got: {type(self.bidirectional).__name__}"
+            )
+        if not packed and self.batch_first:
+            x = x.transpose(0, 1)
+
+        impl = registry.kernels(x.device, self.backend)
+        out, h_n = self._layers(impl, x, hx, batch_sizes, weights)
+
+        if packed:
+            if unsorted_indices is not None:
+                h_n = h_n.index_select(1, unsorted_indices)
+            return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), h_n
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if not batched:
+            out, h_n = out.squeeze(batch_dim), h_n.squeeze(1)
+        return out, h_n
+
+    def _check_forward_args(self, x, hx, batch_sizes, weights) -> None:
+        if x.dtype != weights[0].dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({weights[0].dtype}). "
+                f"Convert input: input.to({weights[0].dtype}), or convert model: model.to({x.dtype})"
+            )
+        expected_dim = 2 if batch_sizes is not None else 3
+        if x.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {x.dim()}")
+        if x.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.size(-1)}"
+            )
+        batch = int(batch_sizes[0]) if batch_sizes is not None else x.size(0 if self.batch_first else 1)
+        expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
+        if hx.size() != expected:
+            raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.size())}")
+        if batch_sizes is None and x.size(1 if self.batch_first else 0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        _check_devices(x, hx, weights)
+        if hx.dtype != x.dtype:
+            raise RuntimeError(
+                f"hx dtype ({hx.dtype}) does not match input dtype ({x.dtype}); "
+                f"convert it: hx.to({x.dtype})"
+            )
+
+    def _layers(self, impl, x, hx, batch_sizes, weights):
+        """Stacked layers and both directions over the backend's single-layer ``layer``."""
+        directions = 2 if self.bidirectional else 1
+        per_direction = len(weights) // (self.num_layers * directions)
+        if directions == 2:
+            # The reverse direction is the forward recurrence over reversed sequences.
+            if batch_sizes is None:
+                reverse = lambda t: t.flip(0)  # noqa: E731
+            else:
+                index = _reverse_index(batch_sizes).to(x.device)
+                reverse = lambda t: t.index_select(0, index)  # noqa: E731
+        h_n = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                w = weights[k * per_direction : (k + 1) * per_direction]
+                w_ih, w_hh, b_ih, b_hh = w if self.bias else (*w, None, None)
+                x_in = reverse(x) if direction else x
+                out, h = impl.layer(x_in, hx[k], w_ih, w_hh, b_ih, b_hh, self.nonlinearity, batch_sizes)
+                outputs.append(reverse(out) if direction else out)
+                h_n.append(h)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        return x, torch.stack(h_n)
+
+
+class RNNCell(nn.Module):
+    """An Elman RNN cell with tanh or ReLU, a drop-in for :class:`torch.nn.RNNCell`.
+
+    Like ``torch.nn.RNNCell`` it accepts its arguments as given and reports an unknown
+    ``nonlinearity`` when called.
+    """
+
+    __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty((hidden_size, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((hidden_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.nonlinearity = nonlinearity
+        self.backend = _check_backend(backend)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.nonlinearity != "tanh":
+            s += ", nonlinearity={nonlinearity}"
+        if self.backend is not None:
+            s += ", backend={backend!r}"
+        return s.format(**self.__dict__)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x = _tensor(input, "input")
+        if x.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {x.dim()}D instead")
+        if hx is not None:
+            hx = _tensor(hx, "hx")
+            if hx.dim() not in (1, 2):
+                raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        batched = x.dim() == 2
+        if not batched:
+            x = x.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
+        elif not batched:
+            hx = hx.unsqueeze(0)
+        if self.nonlinearity not in _MODES:
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        self._check_forward_args(x, hx)
+
+        impl = registry.kernels(x.device, self.backend)
+        args = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.nonlinearity)
+        cell = getattr(impl, "cell", None)
+        if cell is not None:
+            h = cell(x, hx, *args)
+        else:
+            h = impl.layer(x.unsqueeze(0), hx, *args)[1]
+        return h if batched else h.squeeze(0)
+
+    def _check_forward_args(self, x: Tensor, hx: Tensor) -> None:
+        # ATen's rnn_*_cell checks, in its order and words, then what ATen leaves to its GEMM.
+        if x.size(1) != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}"
+            )
+        if hx.size(0) != x.size(0):
+            raise RuntimeError(
+                f"Input batch size {x.size(0)} doesn't match hidden0 batch size {hx.size(0)}"
+            )
+        if hx.size(1) != self.hidden_size:
+            raise RuntimeError(
+                f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {self.hidden_size}"
+            )
+        if hx.dim() != 2:
+            raise RuntimeError(f"hidden0 must be 2-D for batched input, got {hx.dim()}-D")
+        # One weight stands for all: a module's parameters share dtype and device unless the
+        # user splits them, and then the kernels' own checks raise.
+        w = self.weight_ih
+        for t, name in ((x, "input"), (hx, "hidden")):
+            if t.device != w.device:
+                raise RuntimeError(f"RNNCell {name} is on {t.device} but its parameters are on {w.device}")
+            if t.dtype != w.dtype:
+                raise RuntimeError(
+                    f"RNNCell {name} dtype ({t.dtype}) does not match weight dtype ({w.dtype}); "
+                    f"convert the {name} or the model: .to({w.dtype})"
+                )

@@ -1,0 +1,161 @@
+"""Command line: ``myrnn-fast`` / ``python -m myrnn_fast`` with ``info`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from importlib import metadata
+
+import torch
+
+from . import __version__, registry
+
+
+def extension_info() -> dict:
+    """How ``myrnn_fast._C`` was built, or why it cannot be loaded."""
+    try:
+        from . import _C  # noqa: F401  (importing registers the torch.ops.myrnn_fast ops)
+    except ImportError as exc:
+        return {"built": False, "error": str(exc)}
+    return {"built": True, **json.loads(torch.ops.myrnn_fast.build_info())}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_info() -> dict:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    resolved = {}
+    for device in devices:
+        try:
+            resolved[device] = registry.resolve_backend(device)
+        except registry.BackendUnavailableError as exc:
+            resolved[device] = f"error: {exc}"
+    return {
+        "myrnn_fast": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "numpy": _version("numpy"),
+        "numba": _version("numba"),
+        "scipy": _version("scipy"),
+        "torch_threads": torch.get_num_threads(),
+        "extension": extension_info(),
+        "backends": {name: registry.unavailable_reason(name) for name in registry.BACKENDS},
+        "default_backend": registry.get_backend(),
+        "resolved": resolved,
+    }
+
+
+def _print_info(info: dict) -> None:
+    print(f"myrnn_fast {info['myrnn_fast']}")
+    print(f"  python {info['python']} on {info['platform']}")
+    cuda = f", CUDA {info['torch_cuda']}" if info["torch_cuda"] else ", CPU build"
+    print(f"  torch {info['torch']}{cuda}; {info['torch_threads']} threads; GPU available: {info['cuda_available']}")
+    for package in ("numpy", "numba", "scipy"):
+        print(f"  {package} {info[package] or 'not installed'}")
+    ext = info["extension"]
+    print("extension myrnn_fast._C")
+    if ext["built"]:
+        print(f"  compiler {ext['compiler']} (C++ {ext['cplusplus']}, {ext['build_type']})")
+        print(f"  built against torch {ext['torch']} (C++11 ABI: {ext['cxx11_abi']}); CUDA: {ext['cuda']}")
+        print(f"  thread pool: ATen {ext['parallel_backend']}, {ext['num_threads']} threads")
+        if ext["torch"] != torch.__version__.split("+")[0]:
+            print(f"  WARNING: running under torch {torch.__version__}; rebuild with --no-build-isolation")
+    else:
+        print(f"  not loadable: {ext['error']}")
+    print("backends")
+    for name, reason in info["backends"].items():
+        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"default: {info['default_backend']} (MYRNN_BACKEND)")
+    for device, name in info["resolved"].items():
+        print(f"  {device} tensors run on: {name}")
+
+
+def _cmd_info(args) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        _print_info(info)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    def progress(epoch, epochs, loss, seconds):
+        print(f"epoch {epoch:>4}/{epochs}  loss {loss:.6f}  {seconds * 1e3:7.2f} ms", flush=True)
+
+    result = demo.run(args.backend, args.epochs, args.seed, progress=None if args.json else progress)
+    if args.out is not None:
+        try:
+            paths = demo.plot(result, args.out)
+        except ImportError:
+            print("--out needs matplotlib: pip install 'myrnn_fast[plot]'", file=sys.stderr)
+            return 1
+        if not args.json:
+            for path in paths:
+                print(f"wrote {path}")
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(
+            f"backend {result.backend}: final MSE {result.final_loss:.6f} after {result.epochs} epochs, "
+            f"{result.seconds_per_epoch * 1e3:.2f} ms per epoch"
+        )
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="myrnn-fast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"myrnn_fast {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="versions, how the extension was built, which backends run here")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=_cmd_info)
+
+    from .demo import BASELINE, EPOCHS
+
+    demo = commands.add_parser("demo", help="the article's noisy-sine experiment")
+    demo.add_argument(
+        "--backend",
+        default=registry.get_backend(),
+        choices=[registry.AUTO, *registry.BACKENDS, BASELINE],
+        help=f"which backend trains ({BASELINE!r} is torch's own nn.RNN, for comparison)",
+    )
+    demo.add_argument("--epochs", type=_positive_int, default=EPOCHS)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", metavar="DIR", help="write loss.png and prediction.png here")
+    demo.add_argument("--json", action="store_true", help="no progress; last line is a JSON summary")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except registry.BackendUnavailableError as exc:
+        print(f"myrnn-fast: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Equivalence helpers: run ours and torch.nn with the same weights, compare values and gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+import myrnn_fast
+
+# fp32 results differ from torch.nn's only by summation order (b_ih + b_hh first, GEMM blocking).
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def rnn_pair(backend, *args, dtype=torch.float64, seed=0, **kwargs):
+    """``torch.nn.RNN`` and ``myrnn_fast.RNN`` with identical weights."""
+    torch.manual_seed(seed)
+    ref = torch.nn.RNN(*args, dtype=dtype, **kwargs)
+    ours = myrnn_fast.RNN(*args, dtype=dtype, backend=backend, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def cell_pair(backend, *args, dtype=torch.float64, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    ref = torch.nn.RNNCell(*args, dtype=dtype, **kwargs)
+    ours = myrnn_fast.RNNCell(*args, dtype=dtype, backend=backend, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _data(value):
+    return value.data if isinstance(value, PackedSequence) else value
+
+
+def _loss(outputs):
+    # Distinct weights per element, so a gradient in the wrong place cannot cancel out.
+    total = 0
+    for i, out in enumerate(outputs):
+        out = _data(out)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        total = total + ((out + 0.1 * i) ** 2 * weights).sum()
+    return total
+
+
+def assert_close(actual, expected, dtype, what):
+    torch.testing.assert_close(actual, expected, **TOLERANCES[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def _call(module, inputs):
+    return module(*inputs)
+
+
+def check_module(ref, ours, make_inputs, dtype, call=_call):
+    """Forward both modules on fresh copies of the same inputs (``make_inputs() -> (inputs,
+    leaves)``); compare every output and the gradients of every leaf and every parameter."""
+    ref_inputs, ref_leaves = make_inputs()
+    our_inputs, our_leaves = make_inputs()
+    ref_out = call(ref, ref_inputs)
+    our_out = call(ours, our_inputs)
+    ref_out = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+    our_out = our_out if isinstance(our_out, tuple) else (our_out,)
+
+    assert len(ref_out) == len(our_out)
+    for i, (a, b) in enumerate(zip(our_out, ref_out)):
+        assert type(a) is type(b), f"output {i}: {type(a).__name__} vs {type(b).__name__}"
+        if isinstance(b, PackedSequence):
+            for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+                expected, actual = getattr(b, field), getattr(a, field)
+                assert (actual is None) if expected is None else torch.equal(actual, expected), field
+        assert _data(a).shape == _data(b).shape, f"output {i} shape"
+        assert _data(a).dtype == _data(b).dtype
+        assert_close(_data(a), _data(b), dtype, f"output {i}")
+
+    ref_params = dict(ref.named_parameters())
+    our_params = dict(ours.named_parameters())
+    assert list(our_params) == list(ref_params)
+    ref_grads = torch.autograd.grad(_loss(ref_out), [*ref_leaves, *ref_params.values()], allow_unused=True)
+    our_grads = torch.autograd.grad(_loss(our_out), [*our_leaves, *our_params.values()], allow_unused=True)
+    names = [f"input leaf {i}" for i in range(len(ref_leaves))] + [f"grad of {n}" for n in ref_params]
+    for name, a, b in zip(names, our_grads, ref_grads):
+        assert b is not None, name
+        assert a is not None, f"{name}: no gradient"
+        assert_close(a, b, dtype, name)
+    return our_out

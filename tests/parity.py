@@ -11,21 +11,22 @@ import myrnn_fast
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
-def rnn_pair(backend, *args, dtype=torch.float64, seed=0, **kwargs):
-    """``torch.nn.RNN`` and ``myrnn_fast.RNN`` with identical weights."""
+def _pair(ref_cls, our_cls, backend, args, kwargs, dtype, seed):
     torch.manual_seed(seed)
-    ref = torch.nn.RNN(*args, dtype=dtype, **kwargs)
-    ours = myrnn_fast.RNN(*args, dtype=dtype, backend=backend, **kwargs)
+    ref = ref_cls(*args, dtype=dtype, **kwargs)
+    ours = our_cls(*args, dtype=dtype, backend=backend, **kwargs)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
+
+
+def rnn_pair(backend, *args, dtype=torch.float64, seed=0, **kwargs):
+    """``torch.nn.RNN`` and ``myrnn_fast.RNN`` with identical weights."""
+    return _pair(torch.nn.RNN, myrnn_fast.RNN, backend, args, kwargs, dtype, seed)
 
 
 def cell_pair(backend, *args, dtype=torch.float64, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    ref = torch.nn.RNNCell(*args, dtype=dtype, **kwargs)
-    ours = myrnn_fast.RNNCell(*args, dtype=dtype, backend=backend, **kwargs)
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
+    """``torch.nn.RNNCell`` and ``myrnn_fast.RNNCell`` with identical weights."""
+    return _pair(torch.nn.RNNCell, myrnn_fast.RNNCell, backend, args, kwargs, dtype, seed)
 
 
 def _data(value):

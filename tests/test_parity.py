@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
 import myrnn_fast
 
-from parity import check_module, rnn_pair
+from parity import assert_close, check_module, rnn_pair
 
 DTYPES = [torch.float32, torch.float64]
 I, H = 3, 4  # tiny: the reference backend loops over every row of every step in Python
@@ -148,3 +148,33 @@ def test_dropout_mask_statistics(backend):
     assert not torch.equal(rnn(x)[0], out)  # a new draw per call
     rnn.eval()
     assert torch.all(rnn(x)[0] == 1)
+
+
+def test_strided_inputs_hx_and_weights(backend):
+    # Views with gaps, stride-0 broadcasts and transposed weight layouts reach the kernels as-is.
+    ref, ours = rnn_pair(backend, I, H, 2, bidirectional=True, batch_first=True)
+    weight = torch.randn(2 * H, H, dtype=torch.float64)[::2]
+    with torch.no_grad():
+        ref.weight_hh_l0.copy_(weight)
+    ours.weight_hh_l0 = torch.nn.Parameter(weight.t().contiguous().t())
+    assert not ours.weight_hh_l0.is_contiguous()
+
+    def make():
+        g = torch.Generator().manual_seed(6)
+        base = torch.randn(5, 8, 2, I, generator=g, dtype=torch.float64)
+        x = base.requires_grad_()
+        hx = torch.randn(4, 10, H, generator=g, dtype=torch.float64).requires_grad_()
+        return (x[:, ::2, 0, :], hx[:, ::2]), [x, hx]
+
+    check_module(ref, ours, make, torch.float64)
+    broadcast = torch.randn(1, 1, I, dtype=torch.float64).expand(5, 3, I)
+    assert_close(ours(broadcast)[0], ref(broadcast)[0], torch.float64, "broadcast input")
+
+
+def test_nan_and_inf_propagate_as_in_torch(backend):
+    ref, ours = rnn_pair(backend, I, H, 2)
+    x = torch.full((4, 2, I), 1e30, dtype=torch.float64)
+    x[0, 0, 0], x[1, 1, 1] = float("inf"), float("nan")
+    (a, ha), (b, hb) = ours(x), ref(x)
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(ha.isnan(), hb.isnan())
+    assert_close(a.nan_to_num(), b.nan_to_num(), torch.float64, "saturated output")

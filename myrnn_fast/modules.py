@@ -260,7 +260,7 @@ class RNN(nn.Module):
             hx = hx.index_select(1, sorted_indices)
 
         weights = self._flat_weights
-        self._check_forward_args(x, hx, batch_sizes, weights)
+        self._check_forward_args(x, hx, batch, batch_sizes, weights)
         if not isinstance(self.bidirectional, bool):
             raise TypeError(
                 f"bidirectional should be of type bool, got: {type(self.bidirectional).__name__}"
@@ -281,7 +281,7 @@ class RNN(nn.Module):
             out, h_n = out.squeeze(batch_dim), h_n.squeeze(1)
         return out, h_n
 
-    def _check_forward_args(self, x, hx, batch_sizes, weights) -> None:
+    def _check_forward_args(self, x, hx, batch, batch_sizes, weights) -> None:
         if x.dtype != weights[0].dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({weights[0].dtype}). "
@@ -294,7 +294,6 @@ class RNN(nn.Module):
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.size(-1)}"
             )
-        batch = int(batch_sizes[0]) if batch_sizes is not None else x.size(0 if self.batch_first else 1)
         expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
         if hx.size() != expected:
             raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.size())}")

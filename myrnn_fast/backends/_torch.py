@@ -41,7 +41,7 @@ class _Layer(torch.autograd.Function):
         for t, out_t in enumerate(out.split(steps)):
             active = steps[t]
             if active != h.shape[0]:
-                # Rows active[t]..active[t-1] ended at step t-1: their state is final.
+                # Rows steps[t] .. steps[t-1]-1 ended at step t-1: their state is final.
                 h_n[active : h.shape[0]] = h[active:]
                 h = h[:active]
             out_t.addmm_(h, w_hh_t)

@@ -43,7 +43,7 @@ def test_dense(backend, dtype, layers, bidirectional, batch_first, nonlinearity,
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,B", [(1, 1), (1, 3), (4, 1), (5, 3)])
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 3), (4, 1), (5, 3), (3, 0)])
 @pytest.mark.parametrize("with_hx", [True, False])
 def test_edge_shapes(backend, dtype, T, B, with_hx):
     ref, ours = rnn_pair(backend, I, H, 2, bidirectional=True, dtype=dtype)

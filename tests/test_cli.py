@@ -35,7 +35,7 @@ def test_info_json():
     assert info["extension"]["built"] is True
     assert info["extension"]["torch"] and info["extension"]["compiler"]
     assert set(info["backends"]) == set(myrnn_fast.BACKENDS)
-    assert info["resolved"]["cpu"] == myrnn_fast.resolve_backend("cpu")
+    assert info["resolved"]["cpu"] == myrnn_fast.resolve_backend("cpu", "auto")  # env var stripped
 
 
 @pytest.mark.skipif(shutil.which("myrnn-fast") is None, reason="console script not on PATH")

@@ -94,14 +94,10 @@ def run(
     progress: Callable[[int, int, float, float], None] | None = None,
 ) -> DemoResult:
     """Train the article's network; ``progress(epoch, epochs, loss, seconds)`` after each epoch."""
-    if backend != BASELINE:
-        registry.check_name(backend)
+    name = backend if backend == BASELINE else registry.resolve_backend("cpu", backend)
     torch.manual_seed(seed)
     x_train, y_train = make_train_data(rng=np.random.default_rng(seed))
     net = Net(1, HIDDEN_SIZE, 1, backend)
-    name = backend
-    if backend not in (BASELINE,):
-        name = registry.resolve_backend(x_train.device, backend)
     criterion = torch.nn.MSELoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=LR)
 

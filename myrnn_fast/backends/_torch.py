@@ -90,7 +90,7 @@ class _Layer(torch.autograd.Function):
 
         need = ctx.needs_input_grad
         grad_rows = dz @ w_ih if need[0] else None
-        grad_h0 = (dz_next @ w_hh) if need[1] and len(steps) else None
+        grad_h0 = dz_next @ w_hh if need[1] else None  # dz of step 0 holds every row
         grad_w_ih = dz.t() @ rows if need[2] else None
         grad_w_hh = None
         if need[3]:

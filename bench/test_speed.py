@@ -1,23 +1,23 @@
-"""pytest-benchmark suite: backends x shapes x passes, grouped by shape and pass so that each table
-compares every backend with torch.nn on the same work. Not part of the default test run:
+"""pytest-benchmark suite: torch.nn and every backend x shapes x passes, grouped by shape and pass so
+that each table compares every implementation on the same work. Not part of the default test run
+(``testpaths`` is ``tests``); the grid is in ``conftest.py``, the workloads in ``myrnn_fast.benchmark``.
 
     pytest bench/ --benchmark-only --benchmark-group-by=group --benchmark-save=NAME
+    pytest-benchmark compare 0001 0002 --group-by=group      # two saved runs side by side
 """
 
-import pytest
+from myrnn_fast.benchmark import timing, workloads
 
-from workloads import PASSES, SHAPES, implementations, skip_reason, workload
+SECONDS_PER_CASE = 1.0  # of timed rounds; at least MIN_ROUNDS however long a call takes
+MIN_ROUNDS = 5
 
 
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
-@pytest.mark.parametrize("impl", implementations())
-def test_speed(benchmark, impl, shape, pass_):
-    reason = skip_reason(impl, shape)
-    if reason:
-        pytest.skip(reason)
-    fn = workload(impl, shape, pass_)
-    for _ in range(3):  # warm-up outside the timing: first-call allocation, JIT compilation
-        fn()
-    benchmark.group = f"{pass_} T={shape[0]} B={shape[1]} I={shape[2]} H={shape[3]}"
-    benchmark.pedantic(fn, rounds=15, iterations=1, warmup_rounds=0)
+def test_speed(benchmark, case, bench_device):
+    impl, shape, pass_ = case
+    fn = workloads.workload(impl, shape, pass_, bench_device)
+    # Warm-up outside the timing (first-call allocation, Numba's JIT); fast calls repeat per round.
+    estimate, calls = timing.calibrate(fn)
+    rounds = timing.rounds_for(estimate * calls, SECONDS_PER_CASE, MIN_ROUNDS, 200)
+    benchmark.group = f"{pass_} T,B,I,H = {workloads.label(shape)}"
+    benchmark.extra_info.update(implementation=impl, flops=workloads.flops(shape, pass_), device=bench_device)
+    benchmark.pedantic(fn, rounds=rounds, iterations=calls, warmup_rounds=0)

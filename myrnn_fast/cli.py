@@ -1,4 +1,4 @@
-"""Command line: ``myrnn-fast`` / ``python -m myrnn_fast`` with ``info`` and ``demo``."""
+"""Command line: ``myrnn-fast`` / ``python -m myrnn_fast`` with ``info``, ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", metavar="DIR", help="write loss.png and prediction.png here")
     demo.add_argument("--json", action="store_true", help="no progress; last line is a JSON summary")
     demo.set_defaults(func=_cmd_demo)
+
+    from .benchmark import command as bench_command
+
+    bench = commands.add_parser("bench", help="time every backend against torch.nn.RNN; write the report")
+    bench_command.add_arguments(bench)
+    bench.set_defaults(func=bench_command.main)
     return parser
 
 

@@ -1,0 +1,214 @@
+"""The report: ``report.json`` (every number), ``report.md`` (tables) and ``speedup.png`` (the plot).
+
+``report.md`` holds a section between ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->``
+meant to be pasted into the README as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import machine, workloads
+
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+def _shape(shape: dict) -> tuple[int, ...]:
+    return tuple(shape[k] for k in "TBIH")
+
+
+def _ms(value: float) -> str:
+    for limit, digits in ((100, 0), (10, 1), (1, 2)):
+        if value >= limit:
+            return f"{value:.{digits}f}"
+    return f"{value:.3f}"
+
+
+def _groups(report: dict) -> list[tuple[tuple[int, ...], str]]:
+    return [(_shape(s), p) for s in report["config"]["shapes"] for p in report["config"]["passes"]]
+
+
+def _index(report: dict) -> dict:
+    return {(_shape(r["shape"]), r["pass"], r["backend"]): r for r in report["results"]}
+
+
+def _skip_reason(report: dict, shape, pass_: str, backend: str) -> str | None:
+    for entry in report["skipped"]:
+        if entry["backend"] == backend and (
+            entry["shape"] is None or (_shape(entry["shape"]) == shape and entry["pass"] == pass_)
+        ):
+            return entry["reason"]
+    return None
+
+
+def provenance(report: dict) -> str:
+    config, info = report["config"], report["machine"]
+    command = f"`myrnn-fast bench --preset {config['preset']} --device {config['device']}`"
+    if not config.get("preset"):
+        command = f"`myrnn-fast bench --device {config['device']}` on a custom grid"
+    peak = info["gemm_peak"]
+    return (
+        f"{command} ({config['dtype']}), "
+        f"{info['date'][:10]}, on {machine.describe(info)}; measured {peak['dtype']} GEMM peak "
+        f"{peak['gflops']:.0f} GFLOP/s" + _load(info) + "."
+    )
+
+
+def _load(info: dict) -> str:
+    """The 1-minute load average before the run: above zero, something else was using the CPU."""
+    load = info.get("load_average_before")
+    return f"; 1-minute load average before the run {load[0]:.2f}" if load else ""
+
+
+def summary_table(report: dict) -> list[str]:
+    """One row per (shape, pass): the baseline's median, then each backend's speedup and median."""
+    backends = report["config"]["backends"]
+    index = _index(report)
+    lines = [
+        "| shape (T, B, I, H) | pass | torch.nn | " + " | ".join(f"`{b}`" for b in backends) + " |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in backends) + " |",
+    ]
+    for shape, pass_ in _groups(report):
+        base = index[shape, pass_, workloads.baseline(pass_)]
+        cells = []
+        for backend in backends:
+            row = index.get((shape, pass_, backend))
+            if row is None:
+                cells.append("skipped" if _skip_reason(report, shape, pass_, backend) else "—")
+            else:
+                cells.append(f"**{row['speedup_vs_torch_nn']:.2f}×** {_ms(row['median_ms'])} ms")
+        lines.append(
+            f"| {workloads.label(shape)} | {pass_} | {_ms(base['median_ms'])} ms | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def skipped_lines(report: dict) -> list[str]:
+    """The skipped backends and, per backend and reason, the shapes and passes it was skipped at."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for entry in report["skipped"]:
+        where = "everywhere" if entry["shape"] is None else f"{workloads.label(_shape(entry['shape']))} {entry['pass']}"
+        merged.setdefault((entry["backend"], entry["reason"]), []).append(where)
+    return [f"- `{backend}` skipped ({'; '.join(where)}): {reason}" for (backend, reason), where in merged.items()]
+
+
+def pasteable(report: dict) -> str:
+    """The section the README carries: provenance, the summary table, what was skipped."""
+    lines = [
+        START,
+        f"Measured with {provenance(report)}",
+        "Each backend cell: **speedup** = `torch.nn` median / backend median (above 1× is faster than "
+        "`torch.nn.RNN`, or `torch.nn.RNNCell` for `cell`), then the backend's median time.",
+        "",
+        *summary_table(report),
+    ]
+    skipped = skipped_lines(report)
+    if skipped:
+        lines += ["", *skipped]
+    return "\n".join([*lines, END])
+
+
+def details_table(report: dict) -> list[str]:
+    lines = [
+        "| shape (T, B, I, H) | pass | implementation | median ms | min ms | IQR ms | rounds × calls "
+        "| GFLOP/s | of GEMM peak | speedup | timed |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in report["results"]:
+        lines.append(
+            f"| {workloads.label(_shape(row['shape']))} | {row['pass']} | `{row['backend']}` | {_ms(row['median_ms'])} "
+            f"| {_ms(row['min_ms'])} | {_ms(row['iqr_ms'])} | {row['rounds']} × {row['calls_per_round']} "
+            f"| {row['gflops']:.2f} | {row['peak_fraction']:.1%} | {row['speedup_vs_torch_nn']:.2f}× | {row['timed']} |"
+        )
+    return lines
+
+
+def markdown(report: dict, plot_name: str | None) -> str:
+    config = report["config"]
+    info = report["machine"]
+    lines = [
+        f"# myrnn_fast benchmark: {config['preset'] or 'custom grid'}, {config['device']}, {config['dtype']}",
+        "",
+        "The part between the `bench-table` markers is meant to be pasted into the README as it is.",
+        "",
+        pasteable(report),
+        "",
+    ]
+    if plot_name:
+        lines += [f"![speedup against torch.nn by shape]({plot_name})", ""]
+    lines += [
+        "## Every measurement",
+        "",
+        "Median, minimum and interquartile range of the per-call time over the rounds; a round times",
+        "`calls` consecutive calls of a fast pass and divides. GFLOP/s counts the matrix products only",
+        "(forward `2TBH(I+H)`; backward adds the weight gradients and `2TBH·H` for the hidden state);",
+        "`of GEMM peak` divides by the measured square `torch.mm` peak. `interleaved`: timed in the same",
+        "rounds as the baseline, order rotating per round; `alone`: the reference loop, timed after the",
+        "others so its allocation churn does not slow them.",
+        "",
+        *details_table(report),
+        "",
+        "## Machine",
+        "",
+        *(f"- {key}: {value}" for key, value in info.items() if key != "gemm_peak"),
+        f"- GEMM peak: {info['gemm_peak']['gflops']:.1f} GFLOP/s ({info['gemm_peak']['dtype']}, "
+        f"n = {info['gemm_peak']['n']}, {info['gemm_peak']['device']})",
+        "",
+        f"Budget {config['budget_s']} s of timed rounds per shape and pass (at least {config['min_rounds']} "
+        f"rounds); the whole run took {config['seconds']} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Speedup against torch.nn by shape, one series per backend, one panel per pass; log scale."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    passes = report["config"]["passes"]
+    shapes = [_shape(s) for s in report["config"]["shapes"]]
+    index = _index(report)
+    fig = Figure(figsize=(max(6.0, 1.3 * len(shapes)) * len(passes) / 1.6, 4.8), layout="constrained")
+    axes = fig.subplots(1, len(passes), sharey=True, squeeze=False)[0]
+    ticks = ["\n".join(workloads.label(s).split(" (", 1)).rstrip(")") for s in shapes]
+    for ax, pass_ in zip(axes, passes):
+        ax.axhline(1.0, color="black", linewidth=1, label="torch.nn = 1×")
+        for backend in report["config"]["backends"]:
+            points = [(i, index[s, pass_, backend]["speedup_vs_torch_nn"])
+                      for i, s in enumerate(shapes) if (s, pass_, backend) in index]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=backend)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(range(len(shapes)), ticks, fontsize=7)
+        ax.set_title(pass_)
+        ax.grid(True, which="both", axis="y", alpha=0.3)
+        ax.set_xlabel("shape T, B, I, H")
+    axes[0].set_ylabel("speedup vs torch.nn (higher is faster)")
+    axes[-1].legend(fontsize=8)
+    info = report["machine"]
+    fig.suptitle(f"myrnn_fast vs torch.nn, {report['config']['device']} {report['config']['dtype']}: "
+                 f"{info['cpu']}, {info['torch_threads']} threads" + (f", {info['gpu']}" if info.get("gpu") else ""),
+                 fontsize=9)
+    fig.savefig(path, dpi=120)
+
+
+def write(report: dict, out_dir) -> tuple[list[Path], list[str]]:
+    """Write the three files into ``out_dir``; returns the paths written and notes (what was not)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, notes = [], []
+    png = out / "speedup.png"
+    try:
+        plot(report, png)
+        paths.append(png)
+    except ImportError:
+        notes.append("speedup.png not written: it needs matplotlib (pip install 'myrnn_fast[plot]')")
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(markdown(report, png.name if png in paths else None), encoding="utf-8")
+    return [out / "report.md", out / "report.json", *paths], notes

@@ -1,0 +1,158 @@
+"""Run a grid of shapes x passes over the baseline and the backends; return the report's data.
+
+Within each (shape, pass) the baseline and every fast backend run interleaved (see ``timing``).
+The reference loop is timed on its own, after all the interleaved groups: run in the same rounds,
+its allocation churn slows the others (``torch.nn.RNN`` at the article's shape went from 7 ms to
+12-23 ms that way), which would flatter every ratio.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import machine, timing, workloads
+
+REFERENCE = "reference"
+
+
+@dataclass
+class Grid:
+    """What to time and for how long: ``budget_s`` seconds of timed rounds per (shape, pass)."""
+
+    shapes: list[tuple[int, int, int, int]]
+    passes: list[str] = field(default_factory=lambda: list(workloads.PASSES))
+    budget_s: float = 1.0
+    min_rounds: int = 5
+    max_rounds: int = 200
+    reference_budget_s: float = 1.0  # the reference's own block: at least 3 rounds, at most 20
+    gemm_sizes: tuple[int, ...] = (256, 512, 1024, 2048)  # square torch.mm sizes for the peak
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> Grid:
+        if name not in workloads.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets are: {', '.join(workloads.PRESETS)}")
+        settings = {**workloads.PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**settings)
+
+
+def _shape_dict(shape) -> dict:
+    return dict(zip("TBIH", (int(v) for v in shape)))
+
+
+def _row(impl, shape, pass_, measured: timing.Timing, baseline_s: float | None, peak_gflops, how, device, dtype):
+    median = measured.median
+    gflops = workloads.flops(shape, pass_) / median / 1e9
+    return {
+        "backend": impl,
+        "shape": _shape_dict(shape),
+        "pass": pass_,
+        **measured.summary(),
+        "speedup_vs_torch_nn": baseline_s / median if baseline_s else None,
+        "baseline": workloads.baseline(pass_),
+        "gflops": gflops,
+        "peak_fraction": gflops / peak_gflops if peak_gflops else None,
+        "timed": how,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _progress_line(index: int, total: int, shape, pass_: str, rows: list[dict], started: float) -> str:
+    parts = []
+    for row in rows:
+        part = f"{row['backend']} {row['median_ms']:.3g} ms"
+        if row["backend"] != row["baseline"]:
+            part += f" {row['speedup_vs_torch_nn']:.2f}x"
+        parts.append(part)
+    return (
+        f"[{index:>{len(str(total))}}/{total}] {pass_:<7} {workloads.label(shape):<28} "
+        f"{' | '.join(parts)}  ({rows[0]['rounds']} rounds, {time.perf_counter() - started:.0f} s)"
+    )
+
+
+def run(
+    grid: Grid,
+    backends: list[str] | None = None,
+    device="cpu",
+    dtype=torch.float32,
+    progress: Callable[[str], None] | None = None,
+    preset: str | None = None,
+) -> dict:
+    """Time ``grid`` and return ``{"machine", "config", "results", "skipped"}`` (see the README).
+
+    ``backends=None`` times every backend usable on ``device``; the others are listed in
+    ``skipped`` with the reason, as are the reference loop's shapes that would take too long.
+    """
+    device = torch.device(device)
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    chosen, unusable = workloads.select_backends(backends, device)
+    skipped = [{"backend": name, "shape": None, "pass": None, "reason": reason} for name, reason in unusable.items()]
+
+    info = machine.machine_info(device)
+    say(f"machine: {machine.describe(info)}")
+    info["gemm_peak"] = timing.gemm_peak(device, dtype, grid.gemm_sizes)
+    peak = info["gemm_peak"]["gflops"]
+    say(f"measured {info['gemm_peak']['dtype']} GEMM peak: {peak:.1f} GFLOP/s (n = {info['gemm_peak']['n']})")
+
+    groups = [(tuple(shape), pass_) for shape in grid.shapes for pass_ in grid.passes]
+    reference_groups = []
+    if REFERENCE in chosen:
+        for shape, pass_ in groups:
+            reason = workloads.skip_reason(REFERENCE, shape, pass_)
+            if reason is None:
+                reference_groups.append((shape, pass_))
+            else:
+                skipped.append({"backend": REFERENCE, "shape": _shape_dict(shape), "pass": pass_, "reason": reason})
+    fast = [name for name in chosen if name != REFERENCE]
+    total = len(groups) + len(reference_groups)
+
+    results, baseline_s = [], {}
+    for index, (shape, pass_) in enumerate(groups, 1):
+        impls = [workloads.baseline(pass_), *fast]
+        fns = {impl: workloads.workload(impl, shape, pass_, device, dtype) for impl in impls}
+        timings = timing.interleaved(fns, grid.budget_s, grid.min_rounds, grid.max_rounds)
+        del fns
+        gc.collect()
+        baseline_s[shape, pass_] = timings[impls[0]].median
+        rows = [
+            _row(impl, shape, pass_, timings[impl], baseline_s[shape, pass_], peak, "interleaved", device, dtype)
+            for impl in impls
+        ]
+        results.extend(rows)
+        say(_progress_line(index, total, shape, pass_, rows, started))
+
+    for index, (shape, pass_) in enumerate(reference_groups, len(groups) + 1):
+        fn = workloads.workload(REFERENCE, shape, pass_, device, dtype)
+        measured = timing.interleaved({REFERENCE: fn}, grid.reference_budget_s, 3, 20, warmup=1)[REFERENCE]
+        del fn
+        gc.collect()
+        row = _row(REFERENCE, shape, pass_, measured, baseline_s[shape, pass_], peak, "alone", device, dtype)
+        results.append(row)
+        say(_progress_line(index, total, shape, pass_, [row], started))
+
+    order = {name: i for i, name in enumerate(["torch.nn.RNN", "torch.nn.RNNCell", *chosen])}
+    position = {group: i for i, group in enumerate(groups)}
+    results.sort(key=lambda r: (position[tuple(r["shape"].values()), r["pass"]], order[r["backend"]]))
+    info["load_average_after"] = machine.load_average()
+    return {
+        "machine": info,
+        "config": {
+            "preset": preset,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "backends": chosen,
+            "shapes": [_shape_dict(s) for s in grid.shapes],
+            "passes": list(grid.passes),
+            "budget_s": grid.budget_s,
+            "min_rounds": grid.min_rounds,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "results": results,
+        "skipped": skipped,
+    }

@@ -1,0 +1,184 @@
+"""What the benchmarks time: one callable per (implementation, shape, pass), all on equal terms.
+
+An implementation is a backend name or the baseline, torch's own module (``torch.nn.RNN`` for the
+``fwd`` and ``fwd+bwd`` passes, ``torch.nn.RNNCell`` for ``cell``; cuDNN on CUDA). Every
+implementation gets the same weights, inputs and upstream gradients; the callables end with a
+CUDA synchronize on CUDA tensors so a wall-clock timer around them measures the GPU work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .. import registry
+from ..modules import RNN, RNNCell
+
+# Shapes are (T, B, I, H): sequence length, batch, input size, hidden size.
+ARTICLE = (176, 25, 1, 32)  # the article's noisy sine: sequence 176, batch 25, hidden 32
+STREAMING = (512, 1, 64, 64)  # one long stream, one row: latency-bound
+FASTRNNS = (100, 64, 512, 512)  # PyTorch's benchmarks/fastrnns default
+NAMES = {ARTICLE: "article", STREAMING: "streaming", FASTRNNS: "fastrnns default"}
+
+PRESETS = {
+    # About a minute on a 2-core machine: small and medium shapes, short time budget per group.
+    "quick": {
+        "shapes": [ARTICLE, STREAMING, (100, 32, 128, 128)],
+        "budget_s": 1.2,
+        "min_rounds": 5,
+    },
+    # Small to large, the article's shape, fastrnns' default and a streaming shape.
+    "full": {
+        "shapes": [
+            (50, 8, 16, 16),
+            ARTICLE,
+            STREAMING,
+            (100, 64, 128, 128),
+            (100, 64, 256, 256),
+            FASTRNNS,
+            (100, 64, 1024, 1024),
+        ],
+        "budget_s": 4.0,
+        "min_rounds": 7,
+    },
+}
+
+PASSES = ("fwd", "fwd+bwd", "cell")
+BASELINES = {"fwd": "torch.nn.RNN", "fwd+bwd": "torch.nn.RNN", "cell": "torch.nn.RNNCell"}
+
+# The reference loop runs Python per row per step: past this many row-steps a call takes seconds.
+REFERENCE_MAX_ROW_STEPS = 5_000
+
+
+def baseline(pass_: str) -> str:
+    return BASELINES[pass_]
+
+
+def label(shape) -> str:
+    """``"176, 25, 1, 32 (article)"``: the shape as (T, B, I, H), with its name if it has one."""
+    text = ", ".join(str(v) for v in shape)
+    name = NAMES.get(tuple(shape))
+    return f"{text} ({name})" if name else text
+
+
+def skip_reason(impl: str, shape, pass_: str) -> str | None:
+    """Why ``impl`` is not timed at this shape and pass (``None``: it is)."""
+    T, B, _, _ = shape
+    row_steps = B if pass_ == "cell" else T * B
+    if impl == "reference" and row_steps > REFERENCE_MAX_ROW_STEPS:
+        return (
+            f"the reference loop is skipped beyond {REFERENCE_MAX_ROW_STEPS} row-steps "
+            f"(here {row_steps}): a single call would take seconds"
+        )
+    return None
+
+
+def select_backends(requested: list[str] | None, device) -> tuple[list[str], dict[str, str]]:
+    """The backends to time on ``device`` and, for the others, why not.
+
+    ``requested=None`` means every backend: those unusable in this install or on this device are
+    returned with their reason. A backend named explicitly must be usable in this install
+    (``BackendUnavailableError`` otherwise, never a silent drop); one that does not run on this
+    device is skipped with the registry's reason.
+    """
+    device_type = torch.device(device).type
+    names = list(registry.BACKENDS) if requested is None else [registry.check_name(n, allow_auto=False) for n in requested]
+    run, skipped = [], {}
+    for name in dict.fromkeys(names):
+        reason = registry.unavailable_reason(name)
+        if reason is not None:
+            if requested is not None:
+                registry.implementation(name)  # raises, saying why and what is available
+            skipped[name] = f"not available in this install: {reason}"
+            continue
+        try:
+            registry.resolve_backend(device_type, name)
+        except registry.BackendUnavailableError as exc:
+            skipped[name] = str(exc)
+            continue
+        run.append(name)
+    return run, skipped
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, seed: int = 0) -> Callable[[], object]:
+    """A zero-argument callable running one pass of ``impl``; inputs and weights are built here, once.
+
+    ``fwd``: the RNN's forward under ``no_grad``. ``fwd+bwd``: a training step's RNN work, the
+    forward and the backward to every parameter (the input and the default zero ``h0`` need no
+    gradient, as for a first layer). ``cell``: one ``RNNCell`` step under ``no_grad``.
+    """
+    if pass_ not in PASSES:
+        raise ValueError(f"unknown pass {pass_!r}; valid passes are: {', '.join(PASSES)}")
+    T, B, I, H = shape
+    device = torch.device(device)
+    sync = _synchronizer(device)
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*size):  # drawn on the CPU so every device sees the same numbers
+        return torch.randn(*size, generator=generator, dtype=dtype).to(device)
+
+    is_baseline = impl == baseline(pass_)
+    torch_cls, our_cls = (torch.nn.RNNCell, RNNCell) if pass_ == "cell" else (torch.nn.RNN, RNN)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = torch_cls(I, H, device=device, dtype=dtype)
+    if not is_baseline:
+        ours = our_cls(I, H, device=device, dtype=dtype, backend=impl)
+        ours.load_state_dict(module.state_dict())
+        module = ours
+
+    if pass_ == "cell":
+        x, h = randn(B, I), randn(B, H)
+
+        def cell():
+            with torch.no_grad():
+                result = module(x, h)
+            sync()
+            return result
+
+        return cell
+
+    x = randn(T, B, I)
+    if pass_ == "fwd":
+
+        def forward():
+            with torch.no_grad():
+                result = module(x)
+            sync()
+            return result
+
+        return forward
+
+    grad_out, grad_h = randn(T, B, H), randn(1, B, H)
+    params = list(module.parameters())
+
+    def train_step():
+        for p in params:
+            p.grad = None
+        out, h_n = module(x)
+        torch.autograd.backward((out, h_n), (grad_out, grad_h))
+        sync()
+
+    return train_step
+
+
+def flops(shape, pass_: str) -> float:
+    """Floating-point operations of the matrix products a pass needs (2 per multiply-add).
+
+    Forward: ``2 T B H (I + H)``. Backward adds the weight gradients (the same count again) and the
+    hidden-state gradient through ``W_hh`` (``2 T B H H``); the input needs no gradient. The
+    nonlinearity and the biases are not counted. A cell pass is one step (``T = 1``).
+    """
+    T, B, I, H = shape
+    steps = 1 if pass_ == "cell" else T
+    forward = 2 * steps * B * H * (I + H)
+    if pass_ == "fwd+bwd":
+        return 2 * forward + 2 * steps * B * H * H
+    return forward

@@ -12,14 +12,6 @@ from parity import assert_close, cell_pair, check_module, rnn_pair
 
 # Failures found and reported, each pinned until its backend is fixed: (backend, test) -> why.
 KNOWN_FAILURES = {
-    ("torch", "complex"): (
-        "the torch backend's hand-written backward differentiates tanh as 1 - y*y without the "
-        "conjugate complex autograd expects: complex gradients are wrong"
-    ),
-    ("torch", "relu at NaN"): (
-        "the torch backend's backward takes relu's derivative as (out > 0), which is 0 at NaN; "
-        "torch's relu backward (threshold_backward: 0 only where out <= 0) lets the gradient through"
-    ),
     ("reference", "cell empty batch"): (
         "the reference backend returns h_n = h0.clone() for an empty batch, detached from the "
         "input and the weights, so RNNCell's result has no gradient where torch.nn's does"

@@ -58,52 +58,69 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_h_n):
         rows, h0, w_ih, w_hh, out = ctx.saved_tensors
-        steps = ctx.steps
-        batch = h0.shape[0]
-
-        # d act(z) / dz from the output y = act(z): 1 - y^2 for tanh, [y > 0] for relu.
-        dact = (out > 0).to(out.dtype) if ctx.relu else 1 - out * out
-        grad_out_t = grad_out.split(steps)
-        dact_t = dact.split(steps)
-
-        # Reverse recurrence. g is dL/dh_t in total: the output's own gradient plus what flows
-        # back from step t+1, or from h_n for rows whose sequence ends at step t.
-        dz_t: list[Tensor] = [None] * len(steps)  # type: ignore[list-item]
-        active_next = 0
-        dz_next = None
-        for t in range(len(steps) - 1, -1, -1):
-            active = steps[t]
-            if dz_next is None:
-                g = grad_out_t[t] + grad_h_n[:active]
-            elif active == active_next:
-                g = torch.addmm(grad_out_t[t], dz_next, w_hh)
-            else:
-                g = torch.cat(
-                    (
-                        torch.addmm(grad_out_t[t][:active_next], dz_next, w_hh),
-                        grad_out_t[t][active_next:] + grad_h_n[active_next:active],
-                    )
-                )
-            dz_next = dz_t[t] = g * dact_t[t]
-            active_next = active
-        dz = torch.cat(dz_t)
-
         need = ctx.needs_input_grad
-        grad_rows = dz @ w_ih if need[0] else None
-        grad_h0 = dz_next @ w_hh if need[1] else None  # dz of step 0 holds every row
-        grad_w_ih = dz.t() @ rows if need[2] else None
-        grad_w_hh = None
-        if need[3]:
-            # h_{t-1} for every row of every step: h0 for step 0, then the previous step's output
-            # for the rows still active. Dense input needs no gather: it is out shifted by B.
-            dz0, dz_rest = dz[:batch], dz[batch:]
-            if all(s == batch for s in steps):
-                prev = out[: out.shape[0] - batch]
-            else:
-                prev = out.index_select(0, _previous_rows(steps, out.device))
-            grad_w_hh = torch.addmm(dz0.t() @ h0, dz_rest.t(), prev)
-        grad_b = dz.sum(0) if ctx.has_bias and (need[4] or need[5]) else None
+        grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b = layer_backward(
+            grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, ctx.steps, ctx.relu,
+            need[:4] + (ctx.has_bias and (need[4] or need[5]),),
+        )
         return grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None
+
+
+def layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, steps, relu, need):
+    """The layer's backward in packed rows, made of differentiable torch operations: the cpp
+    backend runs it too when a double backward needs a graph of the backward.
+
+    ``need`` flags which of ``(grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b)`` to form; the
+    others come back as ``None``.
+    """
+    batch = h0.shape[0]
+    # Complex RNNs (torch.nn accepts them) take conjugates, as autograd does for every product:
+    # the gradient through y = x W^T is g conj(W), through W it is g^T conj(x). A no-op when real.
+    w_ih, w_hh, rows, h0, out_conj = w_ih.conj(), w_hh.conj(), rows.conj(), h0.conj(), out.conj()
+
+    # d act(z) / dz from the output y = act(z): 1 - y^2 for tanh; for relu 0 where y <= 0 and 1
+    # elsewhere, NaN included, as torch's threshold_backward.
+    dact = (out <= 0).logical_not().to(out.dtype) if relu else 1 - out_conj * out_conj
+    grad_out_t = grad_out.split(steps)
+    dact_t = dact.split(steps)
+
+    # Reverse recurrence. g is dL/dh_t in total: the output's own gradient plus what flows
+    # back from step t+1, or from h_n for rows whose sequence ends at step t.
+    dz_t: list[Tensor] = [None] * len(steps)  # type: ignore[list-item]
+    active_next = 0
+    dz_next = None
+    for t in range(len(steps) - 1, -1, -1):
+        active = steps[t]
+        if dz_next is None:
+            g = grad_out_t[t] + grad_h_n[:active]
+        elif active == active_next:
+            g = torch.addmm(grad_out_t[t], dz_next, w_hh)
+        else:
+            g = torch.cat(
+                (
+                    torch.addmm(grad_out_t[t][:active_next], dz_next, w_hh),
+                    grad_out_t[t][active_next:] + grad_h_n[active_next:active],
+                )
+            )
+        dz_next = dz_t[t] = g * dact_t[t]
+        active_next = active
+    dz = torch.cat(dz_t)
+
+    grad_rows = dz @ w_ih if need[0] else None
+    grad_h0 = dz_next @ w_hh if need[1] else None  # dz of step 0 holds every row
+    grad_w_ih = dz.t() @ rows if need[2] else None
+    grad_w_hh = None
+    if need[3]:
+        # h_{t-1} for every row of every step: h0 for step 0, then the previous step's output
+        # for the rows still active. Dense input needs no gather: it is out shifted by B.
+        dz0, dz_rest = dz[:batch], dz[batch:]
+        if all(s == batch for s in steps):
+            prev = out_conj[: out.shape[0] - batch]
+        else:
+            prev = out_conj.index_select(0, _previous_rows(steps, out.device))
+        grad_w_hh = torch.addmm(dz0.t() @ h0, dz_rest.t(), prev)
+    grad_b = dz.sum(0) if need[4] else None
+    return grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b
 
 
 def _previous_rows(steps: list[int], device: torch.device) -> Tensor:

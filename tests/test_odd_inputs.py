@@ -12,10 +12,6 @@ from parity import assert_close, cell_pair, check_module, rnn_pair
 
 # Failures found and reported, each pinned until its backend is fixed: (backend, test) -> why.
 KNOWN_FAILURES = {
-    ("reference", "cell empty batch"): (
-        "the reference backend returns h_n = h0.clone() for an empty batch, detached from the "
-        "input and the weights, so RNNCell's result has no gradient where torch.nn's does"
-    ),
 }
 
 

@@ -51,5 +51,5 @@ def layer(
         h_n = torch.stack(hidden)
     else:  # an empty batch: keep the graph to the weights so their gradients are zeros, not None
         out = act(F.linear(torch.cat((rows, h0[:0]), 1), weight, bias))
-        h_n = h0.clone()
+        h_n = act(F.linear(torch.cat((rows[:0], h0), 1), weight, bias))
     return like_input(out, x, batch_sizes), h_n

@@ -1,0 +1,115 @@
+// Argument checks shared by the CPU and CUDA implementations of the myrnn_fast ops. Every op
+// validates here before any kernel sees a pointer: a bad call is a Python exception (RuntimeError,
+// or TypeError / ValueError where torch would use those), never a crash.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <string_view>
+#include <vector>
+
+namespace myrnn_fast {
+
+inline bool is_relu(std::string_view nonlinearity) {
+  TORCH_CHECK_VALUE(nonlinearity == "tanh" || nonlinearity == "relu", "Unknown nonlinearity '",
+                    nonlinearity, "'. Select from 'tanh' or 'relu'.");
+  return nonlinearity == "relu";
+}
+
+// The shape of one layer call: T steps over N packed rows, each step's active rows and where they
+// start. Dense input is the packed case with B rows at every step.
+struct Layout {
+  int64_t steps = 0, batch = 0, rows = 0, input = 0, hidden = 0;
+  bool packed = false;
+  std::vector<int64_t> batch_sizes, offsets;
+};
+
+inline void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "myrnn_fast: ", name, " has dtype ",
+                   t.scalar_type(), " but the input has dtype ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "myrnn_fast: ", name, " is on ", t.device(),
+              " but the input is on ", like.device());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, "myrnn_fast: ", name, " must have shape ", expected, ", got ",
+              t.sizes());
+}
+
+// Checks the layer arguments against each other and returns their layout.
+inline Layout layer_layout(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh,
+                           const std::optional<at::Tensor>& batch_sizes) {
+  Layout l;
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "myrnn_fast: input must be floating point, got ",
+                   x.scalar_type());
+  for (auto [t, name] : {std::pair{&h0, "h0"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}}) check_same(*t, x, name);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == w_hh.size(1), "myrnn_fast: w_hh must be square [H, H], got ",
+              w_hh.sizes());
+  l.hidden = w_hh.size(0);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == l.hidden, "myrnn_fast: w_ih must have shape [", l.hidden,
+              ", input_size], got ", w_ih.sizes());
+  l.input = w_ih.size(1);
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "myrnn_fast: b_ih and b_hh must be given together");
+  for (auto [b, name] : {std::pair{&b_ih, "b_ih"}, {&b_hh, "b_hh"}}) {
+    if (!b->has_value()) continue;
+    check_same(**b, x, name);
+    check_shape(**b, {l.hidden}, name);
+  }
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == l.hidden, "myrnn_fast: h0 must have shape [batch, ", l.hidden,
+              "], got ", h0.sizes());
+  l.batch = h0.size(0);
+
+  l.packed = batch_sizes.has_value();
+  if (!l.packed) {
+    TORCH_CHECK(x.dim() == 3, "myrnn_fast: input must be [T, B, input_size] (or packed rows with batch_sizes), got ",
+                x.sizes());
+    check_shape(x, {x.size(0), l.batch, l.input}, "input");
+    l.steps = x.size(0);
+    l.rows = l.steps * l.batch;
+    l.batch_sizes.assign(l.steps, l.batch);
+  } else {
+    const at::Tensor& sizes = *batch_sizes;
+    TORCH_CHECK_TYPE(sizes.scalar_type() == at::kLong, "myrnn_fast: batch_sizes must be int64, got ",
+                     sizes.scalar_type());
+    TORCH_CHECK(sizes.device().is_cpu() && sizes.dim() == 1,
+                "myrnn_fast: batch_sizes must be a 1-D tensor on the CPU, as in a PackedSequence");
+    TORCH_CHECK(x.dim() == 2, "myrnn_fast: packed input must be [rows, input_size], got ", x.sizes());
+    check_shape(x, {x.size(0), l.input}, "packed input");
+    const at::Tensor c = sizes.contiguous();
+    const int64_t* p = c.const_data_ptr<int64_t>();
+    l.steps = c.numel();
+    l.batch_sizes.assign(p, p + l.steps);
+    int64_t previous = l.batch, total = 0;
+    for (int64_t t = 0; t < l.steps; ++t) {
+      const int64_t b = l.batch_sizes[t];
+      TORCH_CHECK(b >= 0 && b <= previous, "myrnn_fast: batch_sizes must be non-negative, non-increasing and at ",
+                  "most h0's batch (", l.batch, "); step ", t, " has ", b, " after ", previous);
+      previous = b;
+      total += b;
+    }
+    TORCH_CHECK(l.steps == 0 || l.batch_sizes[0] == l.batch, "myrnn_fast: the first step has ",
+                l.steps ? l.batch_sizes[0] : 0, " rows but h0 has ", l.batch);
+    TORCH_CHECK(total == x.size(0), "myrnn_fast: batch_sizes add up to ", total, " rows but the packed input has ",
+                x.size(0));
+    l.rows = total;
+  }
+  l.offsets.resize(l.steps);
+  for (int64_t t = 0, offset = 0; t < l.steps; ++t) {
+    l.offsets[t] = offset;
+    offset += l.batch_sizes[t];
+  }
+  return l;
+}
+
+// The output layout of a layer: the input's leading dimensions with the hidden size last.
+inline std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t hidden) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = hidden;
+  return sizes;
+}
+
+}  // namespace myrnn_fast

@@ -1,0 +1,342 @@
+// CPU implementations of the myrnn_fast ops: rnn_forward, rnn_backward, rnn_cell.
+//
+// One call runs a whole sequence. The input projection x W_ih^T + b of every step is one GEMM
+// (ATen, so MKL/OpenBLAS), and so are the weight gradients after the reverse recurrence. The
+// recurrence itself takes one of two paths:
+//  - small hidden sizes: the register-tiled kernels of rnn_cpu_kernels.cpp, no allocation or
+//    dispatch per step. Batch rows never interact, so each thread of ATen's pool runs the whole
+//    sequence for its own block of rows: no synchronization per step at all;
+//  - large hidden sizes: one BLAS GEMM per step (multi-threaded by the BLAS) written in place,
+//    then the vectorized nonlinearity, split over ATen's pool.
+
+#include "rnn_cpu.h"
+
+#include "rnn_checks.h"
+#include "rnn_cpu_kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+namespace myrnn_fast::cpu {
+
+// ---- which kernels run: instruction set and path -------------------------------------------
+
+namespace {
+
+struct Choice {
+  const KernelTable* table = nullptr;
+  std::string path = "auto";  // "auto" | "kernel" | "blas"
+};
+
+std::vector<const KernelTable*> supported_tables() {
+  std::vector<const KernelTable*> tables{&kernels_baseline()};
+#if defined(MYRNN_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) tables.push_back(&kernels_avx2());
+#endif
+#if defined(MYRNN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    tables.push_back(&kernels_avx512());
+#endif
+  return tables;
+}
+
+const KernelTable* find_table(std::string_view isa) {
+  for (const KernelTable* t : supported_tables())
+    if (isa == t->isa) return t;
+  return nullptr;
+}
+
+Choice& choice() {
+  // The best instruction set this CPU has, unless MYRNN_CPU_ISA names another one it has.
+  static Choice c = [] {
+    Choice init;
+    init.table = supported_tables().back();
+    if (const char* env = std::getenv("MYRNN_CPU_ISA"); env && *env)
+      if (const KernelTable* t = find_table(env)) init.table = t;
+    return init;
+  }();
+  return c;
+}
+
+template <typename T> const Kernels<T>& kernels();
+template <> const Kernels<float>& kernels<float>() { return choice().table->f32; }
+template <> const Kernels<double>& kernels<double>() { return choice().table->f64; }
+
+// Up to this hidden size the register-tiled recurrence beats a BLAS call per step (measured
+// with bench/side_by_side.py; a BLAS GEMM only pays off once each step has real work).
+constexpr int64_t kKernelMaxHidden = 128;
+// Row blocks handed to a thread are multiples of the kernels' register tile.
+constexpr int64_t kRowBlock = 4;
+// Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
+constexpr int64_t kParallelMinWork = 1 << 17;
+
+bool use_kernel_path(int64_t hidden) {
+  const std::string& path = choice().path;
+  if (path == "kernel") return true;
+  if (path == "blas") return false;
+  return hidden <= kKernelMaxHidden;
+}
+
+// fn(r0, r1) over row blocks of [0, batch), split over ATen's thread pool when worth it.
+template <typename F>
+void for_row_blocks(int64_t batch, int64_t work, const F& fn) {
+  const int64_t blocks = (batch + kRowBlock - 1) / kRowBlock;
+  if (blocks <= 1 || work < kParallelMinWork || at::get_num_threads() == 1) {
+    fn(int64_t{0}, batch);
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    fn(b0 * kRowBlock, std::min(batch, b1 * kRowBlock));
+  });
+}
+
+// fn(begin, end) over [0, n) elements, split when large.
+template <typename F>
+void for_elements(int64_t n, const F& fn) {
+  at::parallel_for(0, n, 1 << 15, fn);
+}
+
+// float16 / bfloat16 run in float32 (as torch's CPU GEMMs accumulate them) and round once at the
+// end; the kernels are written for float and double.
+bool is_reduced(const at::Tensor& x) { return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16; }
+at::Tensor widen(const at::Tensor& t) { return t.to(at::kFloat); }
+std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
+  if (t && t->defined()) return t->to(at::kFloat);
+  return t;
+}
+
+Steps steps_of(const Layout& l) {
+  return {l.steps, l.batch_sizes.data(), l.offsets.data(), l.hidden};
+}
+
+}  // namespace
+
+// ---- forward --------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                               const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                               const std::optional<at::Tensor>& b_hh,
+                                               const std::optional<at::Tensor>& batch_sizes,
+                                               c10::string_view nonlinearity) {
+  const bool relu = is_relu(nonlinearity);
+  const Layout l = layer_layout(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes);
+  if (is_reduced(x)) {
+    auto [out, h_n] = rnn_forward(widen(x), widen(h0), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh),
+                                  batch_sizes, nonlinearity);
+    return {out.to(x.scalar_type()), h_n.to(x.scalar_type())};
+  }
+  const int64_t H = l.hidden;
+  const at::Tensor rows = x.reshape({l.rows, l.input});
+  // The input projection of every step at once; the recurrence then updates it in place.
+  at::Tensor out = b_ih ? at::addmm(*b_ih + *b_hh, rows, w_ih.t()) : at::mm(rows, w_ih.t());
+  const at::Tensor h = h0.contiguous();
+  at::Tensor h_n = at::empty_like(h);
+  if (l.steps == 0) h_n.copy_(h);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
+    const Kernels<scalar_t>& k = kernels<scalar_t>();
+    if (use_kernel_path(H)) {
+      const at::Tensor w_hh_t = w_hh.t().contiguous();
+      const Steps s = steps_of(l);
+      for_row_blocks(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
+        k.forward(s, out.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
+                  h_n.data_ptr<scalar_t>(), relu, r0, r1);
+      });
+      return;
+    }
+    for (int64_t t = 0; t < l.steps; ++t) {
+      const int64_t active = l.batch_sizes[t];
+      at::Tensor cur = out.narrow(0, l.offsets[t], active);
+      const at::Tensor prev = t == 0 ? h.narrow(0, 0, active) : out.narrow(0, l.offsets[t - 1], active);
+      cur.addmm_(prev, w_hh.t());
+      scalar_t* y = cur.data_ptr<scalar_t>();
+      for_elements(active * H, [&](int64_t i0, int64_t i1) { k.activate(y + i0, i1 - i0, relu); });
+      // Rows whose sequence ends at this step: their state is final.
+      const int64_t next = t + 1 < l.steps ? l.batch_sizes[t + 1] : 0;
+      if (active > next) h_n.narrow(0, next, active - next).copy_(cur.narrow(0, next, active - next));
+    }
+  });
+  return {out.view(output_sizes(x, H)), h_n};
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward(
+    const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_h_n, const at::Tensor& x,
+    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& out,
+    const std::optional<at::Tensor>& batch_sizes, c10::string_view nonlinearity, bool need_grad_x) {
+  const bool relu = is_relu(nonlinearity);
+  const Layout l = layer_layout(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, batch_sizes);
+  const int64_t H = l.hidden, B = l.batch, N = l.rows;
+  const auto out_sizes = output_sizes(x, H);
+  check_same(out, x, "out");
+  check_shape(out, out_sizes, "out");
+  // Gradients that autograd left undefined count as zeros; the kernels take null for them.
+  at::Tensor go, ghn;
+  if (grad_out && grad_out->defined()) {
+    check_same(*grad_out, x, "grad_out");
+    check_shape(*grad_out, out_sizes, "grad_out");
+    go = grad_out->reshape({N, H}).contiguous();
+  }
+  if (grad_h_n && grad_h_n->defined()) {
+    check_same(*grad_h_n, x, "grad_h_n");
+    check_shape(*grad_h_n, {B, H}, "grad_h_n");
+    ghn = grad_h_n->contiguous();
+  }
+  if (is_reduced(x)) {
+    auto grads = rnn_backward(widen(grad_out), widen(grad_h_n), widen(x), widen(h0), widen(w_ih), widen(w_hh),
+                              widen(out), batch_sizes, nonlinearity, need_grad_x);
+    const auto back = [&](const at::Tensor& g) { return g.to(x.scalar_type()); };
+    return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads)), back(std::get<3>(grads)),
+            back(std::get<4>(grads))};
+  }
+  const at::Tensor y = out.reshape({N, H}).contiguous();
+  const at::Tensor w = w_hh.contiguous();
+  at::Tensor dz = at::empty({N, H}, y.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_backward", [&] {
+    const Kernels<scalar_t>& k = kernels<scalar_t>();
+    const scalar_t* go_p = go.defined() ? go.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ghn_p = ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr;
+    if (use_kernel_path(H)) {
+      const Steps s = steps_of(l);
+      for_row_blocks(B, N * H * H, [&](int64_t r0, int64_t r1) {
+        k.backward(s, dz.data_ptr<scalar_t>(), go_p, ghn_p, y.const_data_ptr<scalar_t>(),
+                   w.const_data_ptr<scalar_t>(), relu, r0, r1);
+      });
+      return;
+    }
+    for (int64_t t = l.steps - 1; t >= 0; --t) {
+      const int64_t active = l.batch_sizes[t];
+      const int64_t carried = t + 1 < l.steps ? l.batch_sizes[t + 1] : 0;
+      at::Tensor dz_t = dz.narrow(0, l.offsets[t], active);
+      // dz_t = grad_out_t + dz_{t+1} W_hh for rows still running at t+1 ...
+      if (carried > 0) {
+        at::Tensor head = dz_t.narrow(0, 0, carried);
+        const at::Tensor dz_next = dz.narrow(0, l.offsets[t + 1], carried);
+        if (go.defined())
+          at::addmm_out(head, go.narrow(0, l.offsets[t], carried), dz_next, w);
+        else
+          at::mm_out(head, dz_next, w);
+      }
+      // ... and grad_out_t + grad_h_n for the rows that end at t.
+      if (active > carried) {
+        at::Tensor tail = dz_t.narrow(0, carried, active - carried);
+        if (go.defined() && ghn.defined())
+          at::add_out(tail, go.narrow(0, l.offsets[t] + carried, active - carried), ghn.narrow(0, carried, active - carried));
+        else if (go.defined())
+          tail.copy_(go.narrow(0, l.offsets[t] + carried, active - carried));
+        else if (ghn.defined())
+          tail.copy_(ghn.narrow(0, carried, active - carried));
+        else
+          tail.zero_();
+      }
+      scalar_t* g = dz_t.data_ptr<scalar_t>();
+      const scalar_t* y_t = y.const_data_ptr<scalar_t>() + l.offsets[t] * H;
+      for_elements(active * H, [&](int64_t i0, int64_t i1) { k.mul_dact(g + i0, y_t + i0, i1 - i0, relu); });
+    }
+  });
+
+  // Everything else is one GEMM or reduction over all steps at once.
+  const at::Tensor rows = x.reshape({N, l.input});
+  at::Tensor grad_x = need_grad_x ? at::mm(dz, w_ih).view(x.sizes()) : at::empty({0}, x.options());
+  at::Tensor grad_w_ih = at::mm(dz.t(), rows);
+  at::Tensor grad_b = dz.sum(0);
+  at::Tensor grad_h0, grad_w_hh;
+  if (l.steps == 0) {  // h_n is h0 itself
+    grad_h0 = ghn.defined() ? ghn.clone() : at::zeros({B, H}, y.options());
+    grad_w_hh = at::zeros({H, H}, y.options());
+  } else {
+    // Every row is active at step 0, so dz's first B rows meet h0; later rows meet the previous
+    // step's output of the same batch row, which for packed input is a prefix of that step.
+    const at::Tensor dz0 = dz.narrow(0, 0, B), dz_rest = dz.narrow(0, B, N - B);
+    grad_h0 = at::mm(dz0, w);
+    at::Tensor prev;
+    if (!l.packed) {
+      prev = y.narrow(0, 0, N - B);
+    } else {
+      prev = at::empty({N - B, H}, y.options());
+      for (int64_t t = 1; t < l.steps; ++t)
+        prev.narrow(0, l.offsets[t] - B, l.batch_sizes[t]).copy_(y.narrow(0, l.offsets[t - 1], l.batch_sizes[t]));
+    }
+    grad_w_hh = at::addmm(at::mm(dz0.t(), h0), dz_rest.t(), prev);
+  }
+  return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b};
+}
+
+// ---- one RNNCell step -----------------------------------------------------------------------
+
+at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                    c10::string_view nonlinearity) {
+  const bool relu = is_relu(nonlinearity);
+  TORCH_CHECK(x.dim() == 2, "myrnn_fast: rnn_cell input must be [batch, input_size], got ", x.sizes());
+  const Layout l = layer_layout(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  if (is_reduced(x))
+    return rnn_cell(widen(x), widen(h), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh), nonlinearity)
+        .to(x.scalar_type());
+  const int64_t B = l.batch, I = l.input, H = l.hidden;
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_cell", [&] {
+    const Kernels<scalar_t>& k = kernels<scalar_t>();
+    if (B * H * (I + H) <= kParallelMinWork) {
+      // Small enough that one pass of dot products beats three GEMM calls and their dispatch.
+      y = at::empty({B, H}, x.options());
+      const auto xc = x.expect_contiguous(), hc = h.expect_contiguous();
+      const auto wi = w_ih.expect_contiguous(), wh = w_hh.expect_contiguous();
+      c10::MaybeOwned<at::Tensor> bi, bh;
+      if (b_ih) {
+        bi = b_ih->expect_contiguous();
+        bh = b_hh->expect_contiguous();
+      }
+      k.cell(xc->const_data_ptr<scalar_t>(), hc->const_data_ptr<scalar_t>(), wi->const_data_ptr<scalar_t>(),
+             wh->const_data_ptr<scalar_t>(), b_ih ? bi->const_data_ptr<scalar_t>() : nullptr,
+             b_ih ? bh->const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), B, I, H, relu);
+      return;
+    }
+    y = b_ih ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t());
+    y.addmm_(h, w_hh.t());
+    scalar_t* p = y.data_ptr<scalar_t>();
+    for_elements(B * H, [&](int64_t i0, int64_t i1) { k.activate(p + i0, i1 - i0, relu); });
+  });
+  return y;
+}
+
+// ---- knobs for tests and benchmarks ---------------------------------------------------------
+
+std::string cpu_isa() { return choice().table->isa; }
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (const KernelTable* t : supported_tables()) names.emplace_back(t->isa);
+  return names;
+}
+
+void set_cpu_isa(const std::string& isa) {
+  const KernelTable* t = find_table(isa);
+  TORCH_CHECK_VALUE(t, "myrnn_fast: instruction set '", isa, "' is not available on this CPU/build");
+  choice().table = t;
+}
+
+std::string cpu_path() { return choice().path; }
+
+void set_cpu_path(const std::string& path) {
+  TORCH_CHECK_VALUE(path == "auto" || path == "kernel" || path == "blas", "myrnn_fast: unknown CPU path '", path,
+                    "'; choose auto, kernel or blas");
+  choice().path = path;
+}
+
+}  // namespace myrnn_fast::cpu
+
+TORCH_LIBRARY_IMPL(myrnn_fast, CPU, m) {
+  m.impl("rnn_forward", &myrnn_fast::cpu::rnn_forward);
+  m.impl("rnn_backward", &myrnn_fast::cpu::rnn_backward);
+  m.impl("rnn_cell", &myrnn_fast::cpu::rnn_cell);
+}

@@ -1,0 +1,286 @@
+// CPU recurrence kernels for one instruction set. CMake compiles this file once per ISA with
+// MYRNN_ISA (a name) and MYRNN_VECTOR_BYTES (16, 32 or 64) set, and the matching -m flags; the
+// code is written once with GCC/Clang vector extensions, so the compiler picks the instructions.
+//
+// Where the time goes at small hidden sizes is the recurrence h_t = act(p_t + h_{t-1} W_hh^T):
+// a tiny matrix product per step that no BLAS call can make cheap. Here a tile of R rows by NV
+// vectors of columns keeps its accumulators in registers across the whole k loop, and the
+// nonlinearity is applied to those registers before the single store.
+
+#include "rnn_cpu_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifndef MYRNN_ISA
+#error "MYRNN_ISA must name the instruction set this file is compiled for"
+#endif
+#ifndef MYRNN_VECTOR_BYTES
+#error "MYRNN_VECTOR_BYTES must give the vector width in bytes"
+#endif
+
+#define MYRNN_CAT2(a, b) a##b
+#define MYRNN_CAT(a, b) MYRNN_CAT2(a, b)
+
+namespace myrnn_fast::cpu {
+namespace MYRNN_ISA {
+namespace {
+
+constexpr int kBytes = MYRNN_VECTOR_BYTES;
+typedef float vfloat __attribute__((vector_size(kBytes)));
+typedef double vdouble __attribute__((vector_size(kBytes)));
+typedef int32_t vint32 __attribute__((vector_size(kBytes)));
+
+template <typename T> struct Vec;
+template <> struct Vec<float> { using type = vfloat; };
+template <> struct Vec<double> { using type = vdouble; };
+template <typename T> using vec = typename Vec<T>::type;
+template <typename T> constexpr int kLanes = kBytes / sizeof(T);
+
+constexpr int kRows = 4;     // rows per register tile
+constexpr int kVectors = 2;  // vectors of columns per register tile
+
+template <typename V, typename T> inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V, typename T> inline void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
+template <typename To, typename From> inline To bits_as(From v) { return __builtin_bit_cast(To, v); }
+
+// tanh for float vectors, accurate to a few ulp: sign(x) (1 - e) / (1 + e) with e = exp(-2|x|),
+// and the odd Taylor series below |x| = 1/4, where 1 - e would cancel. NaN stays NaN (no
+// comparison lets it through), +-Inf gives +-1.
+inline vfloat tanh_vec(vfloat x) {
+  const vint32 bits = bits_as<vint32>(x);
+  const vfloat ax = bits_as<vfloat>(bits & INT32_MAX);
+  vfloat a = -2.0f * ax;
+  a = a < -87.0f ? vfloat{} - 87.0f : a;  // e underflows below; tanh is +-1 there anyway
+  // exp(a) = 2^n exp(r), |r| <= ln2/2; adding and subtracting 1.5 * 2^23 rounds to an integer.
+  const vfloat n = (a * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const vfloat r = (a - n * 0.693145752f) - n * 1.42860677e-6f;
+  vfloat p = 1.0f / 5040.0f + r * (1.0f / 40320.0f);
+  p = 1.0f / 720.0f + r * p;
+  p = 1.0f / 120.0f + r * p;
+  p = 1.0f / 24.0f + r * p;
+  p = 1.0f / 6.0f + r * p;
+  p = 0.5f + r * p;
+  p = 1.0f + r * p;
+  p = 1.0f + r * p;
+  const vint32 scale = (__builtin_convertvector(n, vint32) + 127) << 23;
+  const vfloat e = p * bits_as<vfloat>(scale);
+  const vfloat big = (1.0f - e) / (1.0f + e);
+  const vfloat big_signed = bits_as<vfloat>(bits_as<vint32>(big) | (bits & INT32_MIN));
+  const vfloat x2 = x * x;
+  vfloat s = vfloat{} - 1382.0f / 155925.0f;
+  s = 62.0f / 2835.0f + x2 * s;
+  s = -17.0f / 315.0f + x2 * s;
+  s = 2.0f / 15.0f + x2 * s;
+  s = -1.0f / 3.0f + x2 * s;
+  const vfloat small = x + x * x2 * s;
+  return ax < 0.25f ? small : big_signed;
+}
+
+// No double-precision vector tanh: float64 is for checking, not for speed, so it takes libm's.
+inline vdouble tanh_vec(vdouble x) {
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = std::tanh(x[i]);
+  return x;
+}
+
+// NaN must survive ReLU as it does in torch: `z < 0` is false for NaN, so NaN passes.
+template <typename V> inline V relu_vec(V z) { return z < 0 ? V{} : z; }
+
+template <typename V> inline V act_vec(V z, bool relu) { return relu ? relu_vec(z) : tanh_vec(z); }
+
+// act'(z) written in terms of y = act(z): 1 - y^2 for tanh; for ReLU 0 where y <= 0 and 1
+// elsewhere, NaN included, as torch's threshold_backward.
+template <typename V> inline V dact_vec(V y, bool relu) {
+  if (relu) return y <= 0 ? V{} : V{} + 1;
+  return 1 - y * y;
+}
+
+template <typename T> inline T act_scalar(T z, bool relu) {
+  if (relu) return z < 0 ? T(0) : z;
+  return std::tanh(z);
+}
+template <typename T> inline T dact_scalar(T y, bool relu) {
+  if (relu) return y <= 0 ? T(0) : T(1);
+  return 1 - y * y;
+}
+
+enum class Epilogue { kActivate, kMulDact };
+
+// dst[r, j..] = epilogue(init[r, j..] + sum_k prev[r, k] M[k, j..]) for R rows and NV vectors of
+// columns starting at j. Every buffer has row stride H; init may be null (zeros); y is the saved
+// output the backward epilogue needs. dst may alias init.
+template <typename T, int R, int NV, Epilogue E>
+inline void tile(const T* init, const T* prev, const T* m, T* dst, const T* y, int64_t H, int64_t j,
+                 bool relu) {
+  using V = vec<T>;
+  constexpr int W = kLanes<T>;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = init ? load<V>(init + r * H + j + v * W) : V{};
+  for (int64_t k = 0; k < H; ++k) {
+    V col[NV];
+    for (int v = 0; v < NV; ++v) col[v] = load<V>(m + k * H + j + v * W);
+    for (int r = 0; r < R; ++r) {
+      const V p = V{} + prev[r * H + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += p * col[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      V out;
+      if constexpr (E == Epilogue::kActivate) {
+        out = act_vec(acc[r][v], relu);
+      } else {
+        out = acc[r][v] * dact_vec(load<V>(y + r * H + j + v * W), relu);
+      }
+      store(dst + r * H + j + v * W, out);
+    }
+}
+
+// The same for R rows over all H columns: register tiles, then one vector, then scalar columns.
+template <typename T, int R, Epilogue E>
+inline void rows(const T* init, const T* prev, const T* m, T* dst, const T* y, int64_t H, bool relu) {
+  constexpr int W = kLanes<T>;
+  int64_t j = 0;
+  for (; j + kVectors * W <= H; j += kVectors * W) tile<T, R, kVectors, E>(init, prev, m, dst, y, H, j, relu);
+  for (; j + W <= H; j += W) tile<T, R, 1, E>(init, prev, m, dst, y, H, j, relu);
+  for (; j < H; ++j) {
+    for (int r = 0; r < R; ++r) {
+      T acc = init ? init[r * H + j] : T(0);
+      for (int64_t k = 0; k < H; ++k) acc += prev[r * H + k] * m[k * H + j];
+      dst[r * H + j] = E == Epilogue::kActivate ? act_scalar(acc, relu) : acc * dact_scalar(y[r * H + j], relu);
+    }
+  }
+}
+
+// Rows [r0, r1) of one step, in tiles of kRows rows and then one row at a time.
+template <typename T, Epilogue E>
+inline void step_rows(const T* init, const T* prev, const T* m, T* dst, const T* y, int64_t H, bool relu,
+                      int64_t r0, int64_t r1) {
+  auto at = [H](const T* p, int64_t r) { return p ? p + r * H : nullptr; };
+  int64_t r = r0;
+  for (; r + kRows <= r1; r += kRows)
+    rows<T, kRows, E>(at(init, r), prev + r * H, m, dst + r * H, at(y, r), H, relu);
+  for (; r < r1; ++r) rows<T, 1, E>(at(init, r), prev + r * H, m, dst + r * H, at(y, r), H, relu);
+}
+
+template <typename T>
+void forward(const Steps& s, T* out, const T* h0, const T* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1) {
+  const int64_t H = s.hidden;
+  for (int64_t t = 0; t < s.count; ++t) {
+    const int64_t active = std::min(r1, s.batch[t]);
+    if (active <= r0) break;  // batch sizes never grow again
+    const T* prev = t == 0 ? h0 : out + s.offset[t - 1] * H;
+    T* cur = out + s.offset[t] * H;
+    step_rows<T, Epilogue::kActivate>(cur, prev, w_hh_t, cur, nullptr, H, relu, r0, active);
+    // Rows whose sequence ends here: their state is final.
+    const int64_t next = t + 1 < s.count ? std::min(active, s.batch[t + 1]) : r0;
+    const int64_t first_done = std::max(r0, next);
+    if (active > first_done)
+      std::memcpy(h_n + first_done * H, cur + first_done * H, (active - first_done) * H * sizeof(T));
+  }
+}
+
+template <typename T>
+void backward(const Steps& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const T* w_hh,
+              bool relu, int64_t r0, int64_t r1) {
+  using V = vec<T>;
+  constexpr int W = kLanes<T>;
+  const int64_t H = s.hidden;
+  for (int64_t t = s.count - 1; t >= 0; --t) {
+    const int64_t active = std::min(r1, s.batch[t]);
+    if (active <= r0) continue;  // this chunk's rows start later in the (reversed) sequence
+    const int64_t base = s.offset[t] * H;
+    const T* g = grad_out ? grad_out + base : nullptr;
+    // Rows still running at t+1 receive dz_{t+1} W_hh ...
+    const int64_t carried = t + 1 < s.count ? std::min(active, s.batch[t + 1]) : r0;
+    if (carried > r0)
+      step_rows<T, Epilogue::kMulDact>(g, dz + s.offset[t + 1] * H, w_hh, dz + base, out + base, H, relu, r0,
+                                       carried);
+    // ... rows ending at t receive grad_h_n instead.
+    for (int64_t r = std::max(r0, carried); r < active; ++r) {
+      const int64_t row = base + r * H;
+      int64_t j = 0;
+      for (; j + W <= H; j += W) {
+        V acc = g ? load<V>(g + r * H + j) : V{};
+        if (grad_h_n) acc += load<V>(grad_h_n + r * H + j);
+        store(dz + row + j, acc * dact_vec(load<V>(out + row + j), relu));
+      }
+      for (; j < H; ++j) {
+        T acc = (g ? g[r * H + j] : T(0)) + (grad_h_n ? grad_h_n[r * H + j] : T(0));
+        dz[row + j] = acc * dact_scalar(out[row + j], relu);
+      }
+    }
+  }
+}
+
+template <typename T>
+void activate(T* y, int64_t n, bool relu) {
+  using V = vec<T>;
+  int64_t i = 0;
+  for (; i + kLanes<T> <= n; i += kLanes<T>) store(y + i, act_vec(load<V>(y + i), relu));
+  for (; i < n; ++i) y[i] = act_scalar(y[i], relu);
+}
+
+template <typename T>
+void mul_dact(T* g, const T* y, int64_t n, bool relu) {
+  using V = vec<T>;
+  int64_t i = 0;
+  for (; i + kLanes<T> <= n; i += kLanes<T>)
+    store(g + i, load<V>(g + i) * dact_vec(load<V>(y + i), relu));
+  for (; i < n; ++i) g[i] *= dact_scalar(y[i], relu);
+}
+
+// sum_k a[k] b[k], vectorized with one accumulator per lane.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = vec<T>;
+  V acc{};
+  int64_t k = 0;
+  for (; k + kLanes<T> <= n; k += kLanes<T>) acc += load<V>(a + k) * load<V>(b + k);
+  T sum = 0;
+  for (int i = 0; i < kLanes<T>; ++i) sum += acc[i];
+  for (; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+template <typename T>
+void cell(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* y,
+          int64_t batch, int64_t input, int64_t hidden, bool relu) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* xb = x + b * input;
+    const T* hb = h + b * hidden;
+    T* yb = y + b * hidden;
+    for (int64_t j = 0; j < hidden; ++j) {
+      T z = dot(xb, w_ih + j * input, input) + dot(hb, w_hh + j * hidden, hidden);
+      if (b_ih) z += b_ih[j] + b_hh[j];
+      yb[j] = z;
+    }
+    activate(yb, hidden, relu);
+  }
+}
+
+template <typename T>
+constexpr Kernels<T> kernels_for() {
+  return {&forward<T>, &backward<T>, &activate<T>, &mul_dact<T>, &cell<T>};
+}
+
+}  // namespace
+}  // namespace MYRNN_ISA
+
+#define MYRNN_STR2(x) #x
+#define MYRNN_STR(x) MYRNN_STR2(x)
+
+const KernelTable& MYRNN_CAT(kernels_, MYRNN_ISA)() {
+  static const KernelTable table{MYRNN_STR(MYRNN_ISA), MYRNN_ISA::kernels_for<float>(),
+                                 MYRNN_ISA::kernels_for<double>()};
+  return table;
+}
+
+}  // namespace myrnn_fast::cpu

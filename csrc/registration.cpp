@@ -10,6 +10,9 @@
 #include <torch/version.h>
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "rnn_cpu.h"
 
 #include <sstream>
 #include <string>
@@ -44,17 +47,38 @@ std::string build_info() {
     << ", \"cxx11_abi\": " << (_GLIBCXX_USE_CXX11_ABI ? "true" : "false")
     << ", \"cuda\": " << (kWithCuda ? "true" : "false")
     << ", \"parallel_backend\": \"" << parallel_backend() << "\""
-    << ", \"num_threads\": " << at::get_num_threads() << "}";
+    << ", \"num_threads\": " << at::get_num_threads()
+    << ", \"cpu_isa\": \"" << cpu::cpu_isa() << "\"}";
   return s.str();
 }
 
 }  // namespace
 }  // namespace myrnn_fast
 
+// One layer in one direction (the kernel contract of myrnn_fast.backends): x is [T, B, I], or
+// packed rows [N, I] with batch_sizes (int64, CPU) giving the active rows of each step.
+// Forward saves nothing but its output; the backward takes it back, and its gradients for
+// undefined grad_out / grad_h_n are those of zeros. grad_x is empty unless need_grad_x.
 TORCH_LIBRARY(myrnn_fast, m) {
   m.def("build_info() -> str", &myrnn_fast::build_info);
+  m.def(
+      "rnn_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? batch_sizes, str nonlinearity) -> (Tensor out, Tensor h_n)");
+  m.def(
+      "rnn_backward(Tensor? grad_out, Tensor? grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor out, Tensor? batch_sizes, str nonlinearity, bool need_grad_x) -> "
+      "(Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b)");
+  m.def(
+      "rnn_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "str nonlinearity) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "myrnn_fast native extension: importing it registers the torch.ops.myrnn_fast ops.";
+  namespace cpu = myrnn_fast::cpu;
+  m.def("cpu_isa", &cpu::cpu_isa, "instruction set of the CPU kernels in use");
+  m.def("cpu_isas", &cpu::cpu_isas, "instruction sets this CPU and build support");
+  m.def("set_cpu_isa", &cpu::set_cpu_isa, "use another supported instruction set (tests, benchmarks)");
+  m.def("cpu_path", &cpu::cpu_path, "how the recurrence runs: auto, kernel or blas");
+  m.def("set_cpu_path", &cpu::set_cpu_path, "force the register-tiled kernel or the BLAS path (tests)");
 }

@@ -32,14 +32,11 @@ _AUTO_ORDER = ("cpp", "numba", "torch", "reference")
 _MODULES = {
     "reference": "myrnn_fast.backends._reference",
     "torch": "myrnn_fast.backends._torch",
+    "numba": "myrnn_fast.backends._numba",
+    "cpp": "myrnn_fast.backends._cpp",
 }
 # Backends named by the public surface whose kernels are not in this release yet.
 _NOT_SHIPPED = {
-    "numba": "its Numba kernels are not part of this release yet",
-    "cpp": (
-        "its fused kernels are not part of this release yet (the extension myrnn_fast._C is "
-        "built and registers the torch.ops.myrnn_fast namespace, but has no RNN ops)"
-    ),
 }
 
 

@@ -1,0 +1,52 @@
+"""``cpp``: the extension's fused ops, one call per layer forward and one per layer backward.
+
+Where a time step happens: ``csrc/rnn_cpu_kernels.cpp`` (``forward`` / ``backward``, register-tiled
+for small hidden sizes) or, for large ones, the per-step BLAS loop of ``csrc/rnn_cpu.cpp``. The ops
+and their autograd are declared in :mod:`myrnn_fast.ops`. The kernels cover float32 and float64
+(float16 and bfloat16 computed in float32); complex RNNs, which torch.nn also accepts, run through
+the torch backend's vectorized loop instead.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import _torch
+
+DEVICE_TYPES = ("cpu",)
+
+try:
+    from .. import ops
+except ImportError as exc:  # the extension was not built or does not load
+    ops = None
+    _import_error = str(exc)
+
+
+def unavailable_reason() -> str | None:
+    if ops is None:
+        return (
+            f"the extension myrnn_fast._C does not load ({_import_error}); build it with "
+            "`pip install --no-build-isolation .` against the installed torch"
+        )
+    return None
+
+
+def layer(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    nonlinearity: str,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    if isinstance(x, Tensor) and x.is_complex():
+        return _torch.layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
+    return ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
+
+
+def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    if isinstance(x, Tensor) and x.is_complex():
+        return _torch.cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    return ops.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)

@@ -85,12 +85,19 @@ def summary_table(report: dict) -> list[str]:
 
 
 def skipped_lines(report: dict) -> list[str]:
-    """The skipped backends and, per backend and reason, the shapes and passes it was skipped at."""
-    merged: dict[tuple[str, str], list[str]] = {}
+    """The skipped backends and, per backend and reason, the shapes (with passes) it was skipped at."""
+    merged: dict[tuple[str, str], dict[str, list[str]]] = {}
     for entry in report["skipped"]:
-        where = "everywhere" if entry["shape"] is None else f"{workloads.label(_shape(entry['shape']))} {entry['pass']}"
-        merged.setdefault((entry["backend"], entry["reason"]), []).append(where)
-    return [f"- `{backend}` skipped ({'; '.join(where)}): {reason}" for (backend, reason), where in merged.items()]
+        shapes = merged.setdefault((entry["backend"], entry["reason"]), {})
+        if entry["shape"] is None:
+            shapes["everywhere"] = []
+        else:
+            shapes.setdefault(workloads.label(_shape(entry["shape"])), []).append(entry["pass"])
+    lines = []
+    for (backend, reason), shapes in merged.items():
+        where = "; ".join(f"{shape}: {', '.join(passes)}" if passes else shape for shape, passes in shapes.items())
+        lines.append(f"- `{backend}` skipped ({where}): {reason}")
+    return lines
 
 
 def pasteable(report: dict) -> str:
@@ -170,8 +177,8 @@ def plot(report: dict, path: Path) -> None:
     passes = report["config"]["passes"]
     shapes = [_shape(s) for s in report["config"]["shapes"]]
     index = _index(report)
-    fig = Figure(figsize=(max(6.0, 1.3 * len(shapes)) * len(passes) / 1.6, 4.8), layout="constrained")
-    axes = fig.subplots(1, len(passes), sharey=True, squeeze=False)[0]
+    fig = Figure(figsize=(max(6.0, 1.4 * len(shapes)), 1.0 + 2.6 * len(passes)), layout="constrained")
+    axes = fig.subplots(len(passes), 1, sharex=True, squeeze=False)[:, 0]
     ticks = ["\n".join(workloads.label(s).split(" (", 1)).rstrip(")") for s in shapes]
     for ax, pass_ in zip(axes, passes):
         ax.axhline(1.0, color="black", linewidth=1, label="torch.nn = 1×")
@@ -185,14 +192,14 @@ def plot(report: dict, path: Path) -> None:
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
         ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_xticks(range(len(shapes)), ticks, fontsize=7)
-        ax.set_title(pass_)
+        ax.set_xticks(range(len(shapes)), ticks, fontsize=8)
+        ax.set_ylabel(f"{pass_}: speedup")
         ax.grid(True, which="both", axis="y", alpha=0.3)
-        ax.set_xlabel("shape T, B, I, H")
-    axes[0].set_ylabel("speedup vs torch.nn (higher is faster)")
-    axes[-1].legend(fontsize=8)
+    axes[-1].set_xlabel("shape T, B, I, H")
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     info = report["machine"]
-    fig.suptitle(f"myrnn_fast vs torch.nn, {report['config']['device']} {report['config']['dtype']}: "
+    fig.suptitle(f"speedup against torch.nn (higher is faster), {report['config']['device']} "
+                 f"{report['config']['dtype']}: "
                  f"{info['cpu']}, {info['torch_threads']} threads" + (f", {info['gpu']}" if info.get("gpu") else ""),
                  fontsize=9)
     fig.savefig(path, dpi=120)

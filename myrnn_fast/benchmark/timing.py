@@ -82,21 +82,25 @@ def interleaved(
     max_rounds: int = 200,
     warmup: int = WARMUP_CALLS,
 ) -> dict[str, Timing]:
-    """Time every callable in ``fns`` once per round, interleaved, for about ``budget_s`` seconds."""
+    """Time every callable in ``fns`` once per round, interleaved, for about ``budget_s`` seconds.
+
+    Rounds go on until the budget is spent (at least ``min_rounds``, at most ``max_rounds``),
+    measured on the clock rather than predicted from the warm-up: on a busy machine calls slow
+    down, and a run must not stretch with them.
+    """
     names = list(fns)
-    calls, per_round = {}, 0.0
-    for name in names:
-        estimate, calls[name] = calibrate(fns[name], warmup)
-        per_round += estimate * calls[name]
-    rounds = rounds_for(per_round, budget_s, min_rounds, max_rounds)
+    calls = {name: calibrate(fns[name], warmup)[1] for name in names}
     samples = {name: [] for name in names}
     gc.collect()
     gc.disable()  # a collection pause would land on whichever call triggered it
     try:
-        for r in range(rounds):
+        start = time.perf_counter()
+        for r in range(max_rounds):
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]
                 samples[name].append(_sample(fns[name], calls[name]))
+            if r + 1 >= min_rounds and time.perf_counter() - start >= budget_s:
+                break
     finally:
         gc.enable()
     return {name: Timing(samples[name], calls[name]) for name in names}

@@ -153,10 +153,13 @@ def test_explicit_backends_are_validated():
     assert workloads.select_backends(["torch", "torch"], "cpu") == (["torch"], {})
 
 
-@pytest.mark.skipif(not UNAVAILABLE, reason="every backend is available here")
-def test_explicit_unavailable_backend_is_an_error_not_a_silent_drop():
-    with pytest.raises(myrnn_fast.BackendUnavailableError, match=UNAVAILABLE[0]):
-        workloads.select_backends([UNAVAILABLE[0]], "cpu")
+def test_unavailable_backend_is_skipped_by_default_and_an_error_when_named(monkeypatch):
+    real = registry.unavailable_reason
+    monkeypatch.setattr(registry, "unavailable_reason", lambda n: "not built (test)" if n == "torch" else real(n))
+    chosen, skipped = workloads.select_backends(None, "cpu")
+    assert "torch" not in chosen and skipped["torch"] == "not available in this install: not built (test)"
+    with pytest.raises(myrnn_fast.BackendUnavailableError, match=r"'torch' is not available: not built \(test\)"):
+        workloads.select_backends(["reference", "torch"], "cpu")
 
 
 def test_backend_that_does_not_run_on_the_device_is_skipped_with_the_reason(monkeypatch):

@@ -7,18 +7,13 @@ derandomized set; ``HYPOTHESIS_PROFILE=long pytest tests/test_fuzz.py`` explores
 """
 
 import torch
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_sequence
 
 from parity import cell_pair, check_module, rnn_pair
 
 DTYPES = st.sampled_from([torch.float32, torch.float64])
-
-# The reference backend's RNNCell on an empty batch returns a result detached from the input and
-# the weights (torch.nn's has gradients, all empty or zero). Pinned by an xfail in
-# test_odd_inputs.py::test_cell_empty_batch_gradients; kept out of the fuzzing until fixed.
-CELL_EMPTY_BATCH_DETACHED = {"reference"}
 
 
 def _sizes(backend):
@@ -105,7 +100,6 @@ def test_rnn_matches_torch(backend, data):
     seed=st.integers(0, 2**16),
 )
 def test_cell_matches_torch(backend, dtype, input_size, hidden_size, bias, nonlinearity, batch, with_hx, seed):
-    assume(not (batch == 0 and backend in CELL_EMPTY_BATCH_DETACHED))
     ref, ours = cell_pair(
         backend, input_size, hidden_size, bias=bias, nonlinearity=nonlinearity, dtype=dtype, seed=seed
     )

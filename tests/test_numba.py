@@ -1,0 +1,170 @@
+"""The numba backend's own concerns: the disk cache, compile reporting, threads, devices, the
+float32 tanh, and the kernel paths the shared parity suite's small shapes do not reach."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import myrnn_fast
+from myrnn_fast import registry
+
+if "numba" not in myrnn_fast.available_backends():
+    pytest.skip(f"numba backend unavailable: {registry.unavailable_reason('numba')}", allow_module_level=True)
+
+import numba  # noqa: E402
+
+from myrnn_fast.backends import _numba, _torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return _numba.warm_up()  # one compile (or cache load) for the whole module
+
+
+def _child(code: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "MYRNN_"))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_are_cached_on_disk(compiled):
+    cache = Path(compiled["cache_dir"])
+    indexes = list(cache.glob("_numba.*.nbi"))
+    assert indexes, f"no numba cache index in {cache}"
+    assert compiled["cache_hits"] + compiled["cache_misses"] == 13  # 6 kernels x 2 dtypes + 1
+
+
+def test_a_second_process_loads_from_the_cache(compiled):
+    info = _child("import json; from myrnn_fast.backends import _numba; print(json.dumps(_numba.warm_up()))")
+    assert info["cache_misses"] == 0 and info["cache_hits"] == 13
+    assert info["cache_dir"] == compiled["cache_dir"]
+
+
+def test_info_reports_the_kernels(compiled):
+    from myrnn_fast import cli
+
+    info = cli.collect_info()["numba_kernels"]
+    assert info is compiled  # warm_up runs once per process
+    assert info["seconds"] >= 0 and info["threads"] >= 1
+
+
+def test_threads_follow_torch():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _numba._threads(rows=64, work=10**9) == 1
+        torch.set_num_threads(2)
+        assert _numba._threads(rows=64, work=10**9) == min(2, numba.config.NUMBA_NUM_THREADS)
+        assert _numba._threads(rows=64, work=10) == 1  # too little work for a second thread
+        assert _numba._threads(rows=5, work=10**9) == 1  # too few rows to split
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads through /proc")
+def test_parallel_kernels_share_torchs_openmp_pool(compiled):
+    # No second worker pool: a parallel numba launch after torch's pool is up reuses its workers.
+    info = _child(
+        """
+import json, os, torch
+from myrnn_fast.backends import _numba
+torch.set_num_threads(2)
+a = torch.randn(256, 256); a @ a  # torch's OpenMP pool is up
+count = lambda: len(os.listdir("/proc/self/task"))
+before = count()
+rows, hidden = 64, 64
+_numba.layer(torch.randn(20, rows, 3), torch.zeros(rows, hidden), torch.randn(hidden, 3),
+             torch.randn(hidden, hidden), None, None, "tanh")
+print(json.dumps({"before": before, "after": count(), "layer": _numba._threading_layer(),
+                  "openmp": "OpenMP" in torch.__config__.parallel_info()}))
+"""
+    )
+    assert info["layer"] is not None, "the parallel kernel did not run"
+    if info["openmp"]:
+        assert info["layer"] == "omp"
+        # A second pool would add a worker per thread (workqueue adds 2 here); sharing libgomp's,
+        # Numba adds at most its one launcher thread.
+        assert info["after"] - info["before"] < 2
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda"])
+def test_other_devices_name_the_backends_that_run_there(device):
+    with pytest.raises(registry.BackendUnavailableError) as exc:
+        registry.resolve_backend(device, "numba")
+    message = str(exc.value)
+    assert f"does not run on {device!r}" in message and "runs on: cpu" in message
+    assert "torch" in message.split(f"backends for {device!r}:")[1]
+
+
+def test_meta_module_raises_the_device_error():
+    rnn = myrnn_fast.RNN(3, 4, backend="numba").to("meta")
+    with pytest.raises(registry.BackendUnavailableError, match="'meta'"):
+        rnn(torch.empty(5, 2, 3, device="meta"))
+
+
+def test_direct_call_with_a_tensor_on_another_device_raises():
+    args = [torch.randn(5, 2, 3), torch.zeros(2, 4), torch.randn(4, 3), torch.randn(4, 4, device="meta")]
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        _numba.layer(*args, None, None, "tanh")
+
+
+def test_float32_tanh_within_one_ulp_of_torch(compiled):
+    x = torch.linspace(-12, 12, 200_001, dtype=torch.float32)
+    x = torch.cat([x, torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e-30])])
+    # One step, H = 1, a row per element, h0 = 0: the forward kernel computes tanh(x) alone.
+    col = x.clone().view(-1, 1)
+    sizes, offsets = _numba._plan([col.shape[0]])
+    _numba._forward_rows(col.numpy(), torch.zeros_like(col).numpy(), torch.zeros(1, 1).numpy(), sizes, offsets,
+                         False, 0, col.shape[0], torch.empty_like(col).numpy())
+    expected = torch.tanh(x)
+    got = col.view(-1)
+    assert torch.equal(got.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    ulp = torch.finfo(torch.float32).eps / 2  # spacing just below 1
+    assert (got[finite] - expected[finite]).abs().max().item() <= max(ulp, 1e-7)
+    assert bool((got[finite].abs() <= 1).all())
+
+
+def _compare_with_torch_backend(T, B, I, H, batch_sizes, dtype, nonlinearity="tanh"):
+    g = torch.Generator().manual_seed(0)
+    n = sum(batch_sizes) if batch_sizes else T * B
+    x = torch.randn(n, I, generator=g, dtype=dtype) if batch_sizes else torch.randn(T, B, I, generator=g, dtype=dtype)
+    h0 = torch.randn(B, H, generator=g, dtype=dtype)
+    scale = H**-0.5
+    w_ih, w_hh = scale * torch.randn(H, I, generator=g, dtype=dtype), scale * torch.randn(H, H, generator=g, dtype=dtype)
+    b_ih, b_hh = scale * torch.randn(H, generator=g, dtype=dtype), scale * torch.randn(H, generator=g, dtype=dtype)
+    sizes = None if batch_sizes is None else torch.tensor(batch_sizes)
+    leaves = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    results = []
+    for impl in (_numba, _torch):
+        out, h_n = impl.layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, sizes)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+        loss = (out * weights).sum() + (h_n * h_n).sum()
+        results.append([out, h_n, *torch.autograd.grad(loss, leaves)])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    names = ["out", "h_n", "grad x", "grad h0", "grad w_ih", "grad w_hh", "grad b_ih", "grad b_hh"]
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("batch_sizes", [None, [8, 8, 6, 5, 5, 3, 1]], ids=["dense", "packed"])
+def test_blas_path_matches_the_torch_backend(compiled, dtype, batch_sizes):
+    assert 128 >= _numba._BLAS_MIN_HIDDEN
+    _compare_with_torch_backend(7, 8, 5, 128, batch_sizes, dtype)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("batch_sizes", [None, [16] * 10 + [13] * 5 + [9, 4, 2, 1, 1]], ids=["dense", "packed"])
+def test_parallel_path_matches_the_torch_backend(compiled, nonlinearity, batch_sizes):
+    T, B, H = 20, 16, 48
+    rows = sum(batch_sizes) if batch_sizes else T * B
+    if _numba._threads(B, rows * H * H) < 2:
+        pytest.skip("a single torch thread here: the parallel path does not run")
+    _compare_with_torch_backend(T, B, 3, H, batch_sizes, torch.float64, nonlinearity)

@@ -52,7 +52,15 @@ def collect_info() -> dict:
         "backends": {name: registry.unavailable_reason(name) for name in registry.BACKENDS},
         "default_backend": registry.get_backend(),
         "resolved": resolved,
+        "numba_kernels": numba_kernels_info(),
     }
+
+
+def numba_kernels_info() -> dict | None:
+    """Load (or, with a cold disk cache, compile) the numba backend's kernels and time it."""
+    if registry.unavailable_reason("numba") is not None:
+        return None
+    return registry.implementation("numba").warm_up()
 
 
 def _print_info(info: dict) -> None:
@@ -75,6 +83,11 @@ def _print_info(info: dict) -> None:
     print("backends")
     for name, reason in info["backends"].items():
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    kernels = info["numba_kernels"]
+    if kernels is not None:
+        source = "from the disk cache" if not kernels["cache_misses"] else "compiled (cache was cold)"
+        print(f"  numba kernels {source} in {kernels['seconds']:.2f} s; cache {kernels['cache_dir']}; "
+              f"threading layer {kernels['threading_layer']}, {kernels['threads']} threads")
     print(f"default: {info['default_backend']} (MYRNN_BACKEND)")
     for device, name in info["resolved"].items():
         print(f"  {device} tensors run on: {name}")

@@ -1,0 +1,265 @@
+"""The cpp backend's ops as torch sees them: opcheck, torch.compile(fullgraph=True), and parity for
+every instruction set and both recurrence paths the extension can take on this machine."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import myrnn_fast
+from myrnn_fast import registry
+
+from parity import check_module, rnn_pair, cell_pair
+
+pytestmark = pytest.mark.skipif(
+    registry.unavailable_reason("cpp") is not None, reason=f"cpp: {registry.unavailable_reason('cpp')}"
+)
+
+if registry.unavailable_reason("cpp") is None:
+    from myrnn_fast import _C, ops
+
+    ISAS = _C.cpu_isas()
+else:
+    ISAS = []
+
+
+def _randn(*shape, dtype=torch.float64, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(grad)
+
+
+def _layer_args(T=4, B=3, I=2, H=5, dtype=torch.float64, bias=True, packed=False, nonlinearity="tanh"):
+    if packed:
+        sizes = torch.tensor([B] + [max(1, B - t) for t in range(1, T)])
+        x = _randn(int(sizes.sum()), I, dtype=dtype, seed=1)
+    else:
+        sizes = None
+        x = _randn(T, B, I, dtype=dtype, seed=1)
+    b = (_randn(H, dtype=dtype, seed=4), _randn(H, dtype=dtype, seed=5)) if bias else (None, None)
+    return (x, _randn(B, H, dtype=dtype, seed=2), _randn(H, I, dtype=dtype, seed=3),
+            _randn(H, H, dtype=dtype, seed=6), *b, sizes, nonlinearity)
+
+
+@pytest.fixture(params=list(itertools.product(ISAS, ["kernel", "blas"])), ids=lambda p: "-".join(p))
+def isa_path(request):
+    """Run the test with one instruction set and one recurrence path forced, then restore."""
+    isa, path = request.param
+    before = _C.cpu_isa(), _C.cpu_path()
+    _C.set_cpu_isa(isa)
+    _C.set_cpu_path(path)
+    yield request.param
+    _C.set_cpu_isa(before[0])
+    _C.set_cpu_path(before[1])
+
+
+# ---- opcheck: schemas, fake implementations, autograd registration -------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_forward(packed, bias, nonlinearity, dtype):
+    args = _layer_args(dtype=dtype, bias=bias, packed=packed, nonlinearity=nonlinearity)
+    torch.library.opcheck(torch.ops.myrnn_fast.rnn_forward.default, args)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("need_grad_x", [True, False])
+@pytest.mark.parametrize("grads", ["both", "out only", "h_n only"])
+def test_opcheck_backward(packed, need_grad_x, grads):
+    x, h0, w_ih, w_hh, b_ih, b_hh, sizes, nl = _layer_args(packed=packed)
+    with torch.no_grad():
+        out, h_n = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, sizes, nl)
+    grad_out = _randn(*out.shape, seed=7, grad=False) if grads != "h_n only" else None
+    grad_h_n = _randn(*h_n.shape, seed=8, grad=False) if grads != "out only" else None
+    detached = [t.detach() for t in (x, h0, w_ih, w_hh, out)]
+    torch.library.opcheck(
+        torch.ops.myrnn_fast.rnn_backward.default, (grad_out, grad_h_n, *detached, sizes, nl, need_grad_x)
+    )
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_opcheck_cell(bias, nonlinearity):
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = _layer_args(bias=bias)
+    torch.library.opcheck(torch.ops.myrnn_fast.rnn_cell.default, (x[0], h0, w_ih, w_hh, b_ih, b_hh, nonlinearity))
+
+
+# ---- every instruction set and both paths against torch.nn --------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("H", [1, 5, 16, 33, 70])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_every_isa_and_path_dense(isa_path, dtype, H, nonlinearity):
+    # Hidden sizes below, at and between vector widths, and batches around the 4-row tile.
+    ref, ours = rnn_pair("cpp", 3, H, 2, nonlinearity=nonlinearity, bidirectional=True, dtype=dtype)
+
+    def make():
+        x = _randn(6, 9, 3, dtype=dtype, seed=1)
+        hx = _randn(4, 9, H, dtype=dtype, seed=2)
+        return (x, hx), [x, hx]
+
+    check_module(ref, ours, make, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_every_isa_and_path_packed(isa_path, dtype):
+    ref, ours = rnn_pair("cpp", 3, 20, 2, bidirectional=True, dtype=dtype)
+    lengths = [7, 7, 5, 4, 4, 2, 1]
+
+    def make():
+        seqs = [_randn(n, 3, dtype=dtype, seed=10 + i) for i, n in enumerate(lengths)]
+        return (pack_sequence(seqs),), seqs
+
+    check_module(ref, ours, make, dtype)
+
+
+@pytest.mark.parametrize("B", [1, 6])
+def test_every_isa_and_path_cell(isa_path, B):
+    ref, ours = cell_pair("cpp", 3, 37, nonlinearity="tanh")
+
+    def make():
+        x, h = _randn(B, 3, seed=1), _randn(B, 37, seed=2)
+        return (x, h), [x, h]
+
+    check_module(ref, ours, make, torch.float64)
+
+
+def test_gradcheck_every_isa_and_path(isa_path):
+    args = _layer_args(H=6, packed=True)
+    tensors = [a for a in args[:6]]
+
+    def fn(*t):
+        return ops.rnn_forward(*t, args[6], args[7])
+
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+def test_large_batch_is_split_over_threads():
+    # Enough rows and work to take the multi-threaded path; torch.nn is the judge (in float64:
+    # float32 sums over 2560 rows differ by more than the tolerance in summation order alone).
+    ref, ours = rnn_pair("cpp", 8, 32, dtype=torch.float64)
+
+    def make():
+        x = _randn(40, 64, 8, seed=3)
+        return (x,), [x]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_module(ref, ours, make, torch.float64)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tanh_kernel_matches_libm():
+    # The float kernels use their own vectorized tanh: check it over the whole range, with the
+    # special values, against torch.tanh in float64.
+    z = torch.cat([torch.linspace(-12, 12, 200_001), torch.tensor([0.0, -0.0, 1e-30, 88.0, -100.0])])
+    special = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    n = z.numel() + 3
+    x = torch.cat([z, special]).reshape(n, 1, 1)
+    one = torch.ones(1, 1)
+    out, _ = ops.rnn_forward(x, torch.zeros(1, 1), one, torch.zeros(1, 1), None, None, None, "tanh")
+    got = out.flatten()
+    expected = torch.tanh(z.double())
+    err = (got[: z.numel()].double() - expected).abs()
+    assert err.max() < 4e-7, f"max abs error {err.max():.3g} at {z[err.argmax()]}"
+    assert got[-3] == 1 and got[-2] == -1 and got[-1].isnan()
+
+
+# ---- torch.compile ------------------------------------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = myrnn_fast.RNN(1, 16, num_layers=2, batch_first=True, backend="cpp")
+        self.fc = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(5, 12, 1)
+    target = torch.randn(5, 1)
+
+    def step(model):
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        return loss, grads
+
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    loss_c, grads_c = step(compiled)
+    seconds = time.perf_counter() - start
+    loss_e, grads_e = step(net)
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+    # The graph holds our op, not a per-step unrolled loop (which is what makes compiling quick).
+    assert seconds < 60, f"compile and first call took {seconds:.1f} s"
+
+
+def test_torch_compile_inductor_runs_the_op():
+    torch.manual_seed(0)
+    rnn = myrnn_fast.RNN(3, 8, backend="cpp")
+    x = torch.randn(7, 2, 3)
+    compiled = torch.compile(rnn, fullgraph=True)
+    out_c, h_c = compiled(x)
+    out_e, h_e = rnn(x)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(h_c, h_e)
+
+
+# ---- how the extension reports and picks its kernels -----------------------------------------
+
+
+def test_build_info_names_the_isa_in_use():
+    info = json.loads(torch.ops.myrnn_fast.build_info())
+    assert info["cpu_isa"] == _C.cpu_isa() in ISAS
+    assert ISAS[0] == "baseline"
+
+
+def test_bad_knob_values_raise_value_error():
+    with pytest.raises(ValueError, match="instruction set"):
+        _C.set_cpu_isa("sse9")
+    with pytest.raises(ValueError, match="path"):
+        _C.set_cpu_path("gpu")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_env_var_selects_isa(isa):
+    code = "from myrnn_fast import _C; print(_C.cpu_isa())"
+    env = {**os.environ, "MYRNN_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == isa
+
+
+def test_auto_resolves_to_cpp_on_cpu():
+    assert myrnn_fast.resolve_backend("cpu") == "cpp"
+
+
+def test_bad_direct_calls_raise_not_crash():
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = _layer_args()
+    with pytest.raises(RuntimeError, match="w_hh must be square"):
+        ops.rnn_forward(x, h0, w_ih, w_hh[:, :2], b_ih, b_hh, None, "tanh")
+    with pytest.raises(RuntimeError, match="batch_sizes"):
+        ops.rnn_forward(x.reshape(-1, 2), h0, w_ih, w_hh, b_ih, b_hh, torch.tensor([3, 4, 3, 2]), "tanh")
+    with pytest.raises(RuntimeError, match="add up"):
+        ops.rnn_forward(x.reshape(-1, 2), h0, w_ih, w_hh, b_ih, b_hh, torch.tensor([3, 3, 3]), "tanh")
+    with pytest.raises(ValueError, match="nonlinearity"):
+        ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, None, "gelu")

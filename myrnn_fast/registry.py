@@ -51,10 +51,17 @@ def check_name(name: str, *, allow_auto: bool = True) -> str:
     return name
 
 
-@functools.cache
+# Backend modules imported so far, by name: a plain dict, which torch.compile reads as a constant.
+_LOADED: dict[str, ModuleType] = {}
+
+
 def _load(name: str) -> ModuleType | None:
-    path = _MODULES.get(name)
-    return importlib.import_module(path) if path else None
+    if name not in _LOADED:
+        path = _MODULES.get(name)
+        if path is None:
+            return None
+        _LOADED[name] = importlib.import_module(path)
+    return _LOADED[name]
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -144,7 +151,19 @@ def resolve_backend(device: torch.device | str | None = None, name: str | None =
 def kernels(device: torch.device, name: str | None = None) -> ModuleType:
     """The backend module that runs for tensors on ``device``: :func:`resolve_backend` for the
     modules' forward, where it runs on every call and so is cached."""
-    return _resolve(_default if name is None else name, device.type)[1]
+    key = (_default if name is None else name, device.type)
+    found = _KERNELS.get(key)  # one dict lookup on the hot path once a pair has been resolved
+    return found if found is not None else _LOADED[_resolved_name(*key)]
+
+
+_KERNELS: dict[tuple[str, str], ModuleType] = {}  # (requested name, device type) -> module
+
+
+# torch.compile must not trace the lookup (it imports modules): dynamo runs this eagerly while
+# tracing and keeps the answer as a constant; the guard on `_default` recompiles on a change.
+@torch.compiler.assume_constant_result
+def _resolved_name(requested: str, device_type: str) -> str:
+    return _resolve(requested, device_type)[0]
 
 
 @functools.cache  # availability is fixed per process, so the answer is too
@@ -153,6 +172,7 @@ def _resolve(requested: str, device_type: str) -> tuple[str, ModuleType]:
     if requested == AUTO:
         for candidate in _AUTO_ORDER:
             if unavailable_reason(candidate) is None and _runs_on(candidate, device_type):
+                _KERNELS[requested, device_type] = _load(candidate)
                 return candidate, _load(candidate)
         raise BackendUnavailableError(f"no backend runs on {device_type!r} tensors")
     module = _require(requested)
@@ -163,6 +183,7 @@ def _resolve(requested: str, device_type: str) -> tuple[str, ModuleType]:
             f"(it runs on: {', '.join(module.DEVICE_TYPES)}); "
             f"backends for {device_type!r}: {', '.join(others)}"
         )
+    _KERNELS[requested, device_type] = module
     return requested, module
 
 

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor for pybind11
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -76,6 +77,23 @@ TORCH_LIBRARY(myrnn_fast, m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "myrnn_fast native extension: importing it registers the torch.ops.myrnn_fast ops.";
   namespace cpu = myrnn_fast::cpu;
+  // c10's errors as the Python exceptions torch.ops would raise for them, without C++ frames.
+  pybind11::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
+  // An RNNCell step costs a few microseconds of work; the dispatcher and a Python autograd
+  // layer would cost more. The cpp backend calls this when no graph is being recorded.
+  m.def("rnn_cell_cpu", &cpu::rnn_cell, "rnn_cell's CPU kernel, without dispatch or autograd", pybind11::arg("x"),
+        pybind11::arg("h"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
+        pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));
   m.def("cpu_isa", &cpu::cpu_isa, "instruction set of the CPU kernels in use");
   m.def("cpu_isas", &cpu::cpu_isas, "instruction sets this CPU and build support");
   m.def("set_cpu_isa", &cpu::set_cpu_isa, "use another supported instruction set (tests, benchmarks)");

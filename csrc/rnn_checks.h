@@ -28,7 +28,7 @@ struct Layout {
 
 inline void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "myrnn_fast: ", name, " has dtype ",
-                   t.scalar_type(), " but the input has dtype ", like.scalar_type());
+              t.scalar_type(), " but the input has dtype ", like.scalar_type());
   TORCH_CHECK(t.device() == like.device(), "myrnn_fast: ", name, " is on ", t.device(),
               " but the input is on ", like.device());
 }
@@ -38,14 +38,17 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
               t.sizes());
 }
 
-// Checks the layer arguments against each other and returns their layout.
-inline Layout layer_layout(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                           const std::optional<at::Tensor>& b_hh,
-                           const std::optional<at::Tensor>& batch_sizes) {
-  Layout l;
+struct CellShape {
+  int64_t batch = 0, input = 0, hidden = 0;
+};
+
+// Everything about a layer call but the sequence: weights, biases and h0 against the input.
+template <typename Shape>
+inline Shape weights_shape(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  Shape l;
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "myrnn_fast: input must be floating point, got ",
-                   x.scalar_type());
+              x.scalar_type());
   for (auto [t, name] : {std::pair{&h0, "h0"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}}) check_same(*t, x, name);
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == w_hh.size(1), "myrnn_fast: w_hh must be square [H, H], got ",
               w_hh.sizes());
@@ -62,7 +65,23 @@ inline Layout layer_layout(const at::Tensor& x, const at::Tensor& h0, const at::
   TORCH_CHECK(h0.dim() == 2 && h0.size(1) == l.hidden, "myrnn_fast: h0 must have shape [batch, ", l.hidden,
               "], got ", h0.sizes());
   l.batch = h0.size(0);
+  return l;
+}
 
+inline CellShape cell_shape(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  const auto l = weights_shape<CellShape>(x, h, w_ih, w_hh, b_ih, b_hh);
+  TORCH_CHECK(x.dim() == 2, "myrnn_fast: rnn_cell input must be [batch, input_size], got ", x.sizes());
+  check_shape(x, {l.batch, l.input}, "input");
+  return l;
+}
+
+// Checks the layer arguments against each other and returns their layout.
+inline Layout layer_layout(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh,
+                           const std::optional<at::Tensor>& batch_sizes) {
+  Layout l = weights_shape<Layout>(x, h0, w_ih, w_hh, b_ih, b_hh);
   l.packed = batch_sizes.has_value();
   if (!l.packed) {
     TORCH_CHECK(x.dim() == 3, "myrnn_fast: input must be [T, B, input_size] (or packed rows with batch_sizes), got ",

@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -277,8 +278,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                     c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
-  TORCH_CHECK(x.dim() == 2, "myrnn_fast: rnn_cell input must be [batch, input_size], got ", x.sizes());
-  const Layout l = layer_layout(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  const CellShape l = cell_shape(x, h, w_ih, w_hh, b_ih, b_hh);
   if (is_reduced(x))
     return rnn_cell(widen(x), widen(h), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh), nonlinearity)
         .to(x.scalar_type());
@@ -288,7 +288,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
     const Kernels<scalar_t>& k = kernels<scalar_t>();
     if (B * H * (I + H) <= kParallelMinWork) {
       // Small enough that one pass of dot products beats three GEMM calls and their dispatch.
-      y = at::empty({B, H}, x.options());
+      y = at::detail::empty_cpu({B, H}, x.scalar_type(), /*pin_memory=*/false);  // no dispatch
       const auto xc = x.expect_contiguous(), hc = h.expect_contiguous();
       const auto wi = w_ih.expect_contiguous(), wh = w_hh.expect_contiguous();
       c10::MaybeOwned<at::Tensor> bi, bh;

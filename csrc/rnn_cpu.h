@@ -1,11 +1,19 @@
-// Knobs of the CPU implementation, exposed to Python through myrnn_fast._C for tests,
-// benchmarks and `myrnn-fast info`. The ops themselves are reached through torch.ops.
+// What myrnn_fast._C exposes of the CPU implementation besides the ops (which are reached
+// through torch.ops): a dispatcher-free cell step, and knobs for tests, benchmarks and `info`.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace myrnn_fast::cpu {
+
+// The CPU kernel of the rnn_cell op, callable without the dispatcher.
+at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                    c10::string_view nonlinearity);
 
 // The instruction set whose kernels run ("baseline", "avx2", "avx512"): the best one this CPU
 // supports, or the one named by MYRNN_CPU_ISA when the process started.

@@ -387,6 +387,17 @@ class RNNCell(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if hx is not None and isinstance(input, Tensor) and not torch.is_grad_enabled():
+            # A step that records no graph costs a few microseconds; a backend whose cell_step
+            # validates everything itself runs it before (instead of) our checks. Should it refuse
+            # the input, the checked path below raises torch.nn's own exception for it.
+            step = getattr(registry.kernels(input.device, self.backend), "cell_step", None)
+            if step is not None and input.dim() == 2 and not torch.compiler.is_compiling():
+                p = self._parameters
+                try:
+                    return step(input, hx, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], self.nonlinearity)
+                except (RuntimeError, TypeError, ValueError):
+                    pass
         x = _tensor(input, "input")
         if x.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {x.dim()}D instead")

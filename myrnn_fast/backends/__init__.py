@@ -16,7 +16,10 @@ Every backend computes a single layer in a single direction of the Elman recurre
 - Differentiable with respect to ``x``, ``h0`` and every weight.
 
 ``cell(x [B, I], h [B, H], w_ih, w_hh, b_ih, b_hh, nonlinearity) -> h' [B, H]`` is optional: a
-backend without it runs ``RNNCell`` as a one-step ``layer``.
+backend without it runs ``RNNCell`` as a one-step ``layer``. ``cell_step`` (same arguments) is
+optional too: a cell for calls that record no graph which validates every argument itself
+(raising RuntimeError, TypeError or ValueError), so that ``RNNCell`` may call it before, and
+instead of, its own checks; per-call overhead is most of a small step's cost.
 
 Inputs arrive validated (shapes, dtypes, devices agree) from ``myrnn_fast.modules``, which also
 owns layers, directions, dropout, ``batch_first``, unbatched input and packing.

@@ -9,6 +9,7 @@ the torch backend's vectorized loop instead.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import _torch
@@ -16,7 +17,7 @@ from . import _torch
 DEVICE_TYPES = ("cpu",)
 
 try:
-    from .. import ops
+    from .. import _C, ops
 except ImportError as exc:  # the extension was not built or does not load
     ops = None
     _import_error = str(exc)
@@ -49,4 +50,13 @@ def layer(
 def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
     if isinstance(x, Tensor) and x.is_complex():
         return _torch.cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return cell_step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     return ops.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+
+
+def cell_step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    """A step that records no graph: the rnn_cell op's CPU kernel without the dispatcher and the
+    Python autograd layer, which together cost more than a small step itself. It validates its
+    arguments like the op (and refuses complex ones)."""
+    return _C.rnn_cell_cpu(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)

@@ -105,6 +105,12 @@ def test_write_makes_the_three_files(result, tmp_path):
     assert "![speedup" in text and "## Every measurement" in text
 
 
+@pytest.mark.parametrize("load, warned", [(None, False), ([0.3, 0.2, 0.1], False), ([1.5, 1.0, 0.5], True)])
+def test_a_busy_machine_is_flagged_in_the_pasted_section(result, load, warned):
+    data = {**result, "machine": {**result["machine"], "load_average_before": load, "logical_cpus": 2}}
+    assert ("**Noisy run:**" in report.pasteable(data)) is warned
+
+
 def test_write_without_matplotlib_writes_the_other_two(result, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
     data = {k: v for k, v in result.items() if k != "progress"}

@@ -10,19 +10,13 @@ import json
 from pathlib import Path
 
 from . import machine, workloads
+from .timing import format_ms
 
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 
 def _shape(shape: dict) -> tuple[int, ...]:
     return tuple(shape[k] for k in "TBIH")
-
-
-def _ms(value: float) -> str:
-    for limit, digits in ((100, 0), (10, 1), (1, 2)):
-        if value >= limit:
-            return f"{value:.{digits}f}"
-    return f"{value:.3f}"
 
 
 def _groups(report: dict) -> list[tuple[tuple[int, ...], str]]:
@@ -77,9 +71,9 @@ def summary_table(report: dict) -> list[str]:
             if row is None:
                 cells.append("skipped" if _skip_reason(report, shape, pass_, backend) else "—")
             else:
-                cells.append(f"**{row['speedup_vs_torch_nn']:.2f}×** {_ms(row['median_ms'])} ms")
+                cells.append(f"**{row['speedup_vs_torch_nn']:.2f}×** {format_ms(row['median_ms'])} ms")
         lines.append(
-            f"| {workloads.label(shape)} | {pass_} | {_ms(base['median_ms'])} ms | " + " | ".join(cells) + " |"
+            f"| {workloads.label(shape)} | {pass_} | {format_ms(base['median_ms'])} ms | " + " | ".join(cells) + " |"
         )
     return lines
 
@@ -100,11 +94,22 @@ def skipped_lines(report: dict) -> list[str]:
     return lines
 
 
+def busy_warning(report: dict) -> list[str]:
+    """A warning when other work held at least half the CPUs as the run began."""
+    info = report["machine"]
+    load, cpus = info.get("load_average_before"), info.get("logical_cpus") or 1
+    if not load or load[0] < cpus / 2:
+        return []
+    return [f"**Noisy run:** the load average was {load[0]:.2f} on {cpus} logical CPUs before it began: "
+            "other work shared the cores, so times are inflated and ratios uncertain; rerun on a quiet machine."]
+
+
 def pasteable(report: dict) -> str:
     """The section the README carries: provenance, the summary table, what was skipped."""
     lines = [
         START,
         f"Measured with {provenance(report)}",
+        *busy_warning(report),
         "Each backend cell: **speedup** = `torch.nn` median / backend median (above 1× is faster than "
         "`torch.nn.RNN`, or `torch.nn.RNNCell` for `cell`), then the backend's median time.",
         "",
@@ -124,8 +129,8 @@ def details_table(report: dict) -> list[str]:
     ]
     for row in report["results"]:
         lines.append(
-            f"| {workloads.label(_shape(row['shape']))} | {row['pass']} | `{row['backend']}` | {_ms(row['median_ms'])} "
-            f"| {_ms(row['min_ms'])} | {_ms(row['iqr_ms'])} | {row['rounds']} × {row['calls_per_round']} "
+            f"| {workloads.label(_shape(row['shape']))} | {row['pass']} | `{row['backend']}` | {format_ms(row['median_ms'])} "
+            f"| {format_ms(row['min_ms'])} | {format_ms(row['iqr_ms'])} | {row['rounds']} × {row['calls_per_round']} "
             f"| {row['gflops']:.2f} | {row['peak_fraction']:.1%} | {row['speedup_vs_torch_nn']:.2f}× | {row['timed']} |"
         )
     return lines

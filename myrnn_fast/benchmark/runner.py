@@ -65,7 +65,7 @@ def _row(impl, shape, pass_, measured: timing.Timing, baseline_s: float | None, 
 def _progress_line(index: int, total: int, shape, pass_: str, rows: list[dict], started: float) -> str:
     parts = []
     for row in rows:
-        part = f"{row['backend']} {row['median_ms']:.3g} ms"
+        part = f"{row['backend']} {timing.format_ms(row['median_ms'])} ms"
         if row["backend"] != row["baseline"]:
             part += f" {row['speedup_vs_torch_nn']:.2f}x"
         parts.append(part)

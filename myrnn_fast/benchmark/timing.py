@@ -20,6 +20,7 @@ import torch
 WARMUP_CALLS = 3  # first-call allocation, Numba's JIT compilation, MKL/cuDNN plan selection
 MIN_SAMPLE_S = 1e-3  # a sample repeats a fast call until it lasts this long, above timer noise
 MAX_CALLS_PER_SAMPLE = 1000
+SLOW_CALL_S = 0.2  # past this, one call after the first is warm-up enough
 
 
 @dataclass
@@ -53,6 +54,14 @@ class Timing:
         }
 
 
+def format_ms(value: float) -> str:
+    """Milliseconds with three significant digits or more, never in exponent form."""
+    for limit, digits in ((100, 0), (10, 1), (1, 2)):
+        if value >= limit:
+            return f"{value:.{digits}f}"
+    return f"{value:.3f}"
+
+
 def _sample(fn: Callable[[], object], calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -61,10 +70,15 @@ def _sample(fn: Callable[[], object], calls: int) -> float:
 
 
 def calibrate(fn: Callable[[], object], warmup: int = WARMUP_CALLS) -> tuple[float, int]:
-    """Warm ``fn`` up, then estimate one call's seconds and how many calls make one sample."""
-    for _ in range(warmup):
-        fn()
+    """Warm ``fn`` up with up to ``warmup`` calls (at least two), then say one call's seconds and how
+    many calls make one sample. The first call (JIT compilation, first-touch allocation) is never
+    timed; after it, one slow call is warm-up enough, and the last warm-up call is the estimate."""
+    fn()
     estimate = _sample(fn, 1)
+    for _ in range(warmup - 2):
+        if estimate > SLOW_CALL_S:
+            break
+        estimate = _sample(fn, 1)
     if estimate < MIN_SAMPLE_S:  # a fast call: estimate again over enough calls to trust it
         estimate = _sample(fn, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / max(estimate, 1e-9))))
     calls = min(MAX_CALLS_PER_SAMPLE, max(1, math.ceil(MIN_SAMPLE_S / max(estimate, 1e-9))))

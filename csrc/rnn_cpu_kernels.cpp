@@ -112,73 +112,137 @@ template <typename T> inline T dact_scalar(T y, bool relu) {
 
 enum class Epilogue { kActivate, kMulDact };
 
-// dst[r, j..] = epilogue(init[r, j..] + sum_k prev[r, k] M[k, j..]) for R rows and NV vectors of
-// columns starting at j. Every buffer has row stride H; init may be null (zeros); y is the saved
-// output the backward epilogue needs. dst may alias init.
-template <typename T, int R, int NV, Epilogue E>
-inline void tile(const T* init, const T* prev, const T* m, T* dst, const T* y, int64_t H, int64_t j,
-                 bool relu) {
+// What one step computes for a block of rows: dst = epilogue(init + bias + in M_in + prev M).
+// Row pointers are at the block's first row; init, prev, dst and y have row stride H, in has I.
+template <typename T>
+struct Operands {
+  const T* init = nullptr;  // per-row start values, or null
+  const T* bias = nullptr;  // [H] for every row, or null
+  const T* in = nullptr;    // the input rows when the input projection is fused, or null
+  const T* m_in = nullptr;  // [I][H]: W_ih transposed
+  int64_t I = 0;
+  const T* prev = nullptr;  // the rows' previous state (forward) or next dz (backward)
+  const T* m = nullptr;     // [H][H]
+  T* dst = nullptr;
+  const T* y = nullptr;  // the saved output, for the backward epilogue
+  int64_t H = 0;
+  bool relu = false;
+
+  Operands at_row(int64_t r) const {
+    Operands o = *this;
+    auto shift = [r](auto* p, int64_t stride) { return p ? p + r * stride : p; };
+    o.init = shift(init, H);
+    o.in = shift(in, I);
+    o.prev = shift(prev, H);
+    o.dst = shift(dst, H);
+    o.y = shift(y, H);
+    return o;
+  }
+};
+
+// acc[k % S][r][v] += a[r, k] * m[k, j + v W] over k < K: S independent sets of accumulators,
+// so that one row alone still has enough FMA chains in flight to hide their latency.
+template <typename T, int R, int NV, int S>
+inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, int64_t a_stride, const T* m, int64_t K, int64_t H,
+                       int64_t j) {
   using V = vec<T>;
   constexpr int W = kLanes<T>;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = init ? load<V>(init + r * H + j + v * W) : V{};
-  for (int64_t k = 0; k < H; ++k) {
+  int64_t k = 0;
+  auto one = [&](int set, int64_t kk) {
     V col[NV];
-    for (int v = 0; v < NV; ++v) col[v] = load<V>(m + k * H + j + v * W);
+    for (int v = 0; v < NV; ++v) col[v] = load<V>(m + kk * H + j + v * W);
     for (int r = 0; r < R; ++r) {
-      const V p = V{} + prev[r * H + k];
-      for (int v = 0; v < NV; ++v) acc[r][v] += p * col[v];
+      const V p = V{} + a[r * a_stride + kk];
+      for (int v = 0; v < NV; ++v) acc[set][r][v] += p * col[v];
     }
-  }
+  };
+  for (; k + S <= K; k += S)
+    for (int set = 0; set < S; ++set) one(set, k + set);
+  for (; k < K; ++k) one(0, k);
+}
+
+// R rows by NV vectors of columns from column j, accumulators in registers, then the epilogue.
+template <typename T, int R, int NV, int S, Epilogue E>
+inline void tile(const Operands<T>& o, int64_t j) {
+  using V = vec<T>;
+  constexpr int W = kLanes<T>;
+  const int64_t H = o.H;
+  V acc[S][R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
+      V start = o.init ? load<V>(o.init + r * H + j + v * W) : V{};
+      if (o.bias) start += load<V>(o.bias + j + v * W);
+      acc[0][r][v] = start;
+      for (int set = 1; set < S; ++set) acc[set][r][v] = V{};
+    }
+  if (o.in) accumulate<T, R, NV, S>(acc, o.in, o.I, o.m_in, o.I, H, j);
+  accumulate<T, R, NV, S>(acc, o.prev, H, o.m, H, H, j);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      V sum = acc[0][r][v];
+      for (int set = 1; set < S; ++set) sum += acc[set][r][v];
       V out;
       if constexpr (E == Epilogue::kActivate) {
-        out = act_vec(acc[r][v], relu);
+        out = act_vec(sum, o.relu);
       } else {
-        out = acc[r][v] * dact_vec(load<V>(y + r * H + j + v * W), relu);
+        out = sum * dact_vec(load<V>(o.y + r * H + j + v * W), o.relu);
       }
-      store(dst + r * H + j + v * W, out);
+      store(o.dst + r * H + j + v * W, out);
     }
 }
 
-// The same for R rows over all H columns: register tiles, then one vector, then scalar columns.
+// R rows over all H columns: wide register tiles, then narrower, then scalar columns. A single
+// row gets wider tiles and two accumulator sets: it has no other rows to fill the FMA pipes.
 template <typename T, int R, Epilogue E>
-inline void rows(const T* init, const T* prev, const T* m, T* dst, const T* y, int64_t H, bool relu) {
+inline void rows(const Operands<T>& o) {
   constexpr int W = kLanes<T>;
+  constexpr int S = R == 1 ? 2 : 1;
+  const int64_t H = o.H;
   int64_t j = 0;
-  for (; j + kVectors * W <= H; j += kVectors * W) tile<T, R, kVectors, E>(init, prev, m, dst, y, H, j, relu);
-  for (; j + W <= H; j += W) tile<T, R, 1, E>(init, prev, m, dst, y, H, j, relu);
+  if constexpr (R == 1)
+    for (; j + 4 * W <= H; j += 4 * W) tile<T, R, 4, S, E>(o, j);
+  for (; j + kVectors * W <= H; j += kVectors * W) tile<T, R, kVectors, S, E>(o, j);
+  for (; j + W <= H; j += W) tile<T, R, 1, S, E>(o, j);
   for (; j < H; ++j) {
     for (int r = 0; r < R; ++r) {
-      T acc = init ? init[r * H + j] : T(0);
-      for (int64_t k = 0; k < H; ++k) acc += prev[r * H + k] * m[k * H + j];
-      dst[r * H + j] = E == Epilogue::kActivate ? act_scalar(acc, relu) : acc * dact_scalar(y[r * H + j], relu);
+      T acc = (o.init ? o.init[r * H + j] : T(0)) + (o.bias ? o.bias[j] : T(0));
+      if (o.in)
+        for (int64_t k = 0; k < o.I; ++k) acc += o.in[r * o.I + k] * o.m_in[k * H + j];
+      for (int64_t k = 0; k < H; ++k) acc += o.prev[r * H + k] * o.m[k * H + j];
+      o.dst[r * H + j] =
+          E == Epilogue::kActivate ? act_scalar(acc, o.relu) : acc * dact_scalar(o.y[r * H + j], o.relu);
     }
   }
 }
 
 // Rows [r0, r1) of one step, in tiles of kRows rows and then one row at a time.
 template <typename T, Epilogue E>
-inline void step_rows(const T* init, const T* prev, const T* m, T* dst, const T* y, int64_t H, bool relu,
-                      int64_t r0, int64_t r1) {
-  auto at = [H](const T* p, int64_t r) { return p ? p + r * H : nullptr; };
+inline void step_rows(const Operands<T>& o, int64_t r0, int64_t r1) {
   int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows)
-    rows<T, kRows, E>(at(init, r), prev + r * H, m, dst + r * H, at(y, r), H, relu);
-  for (; r < r1; ++r) rows<T, 1, E>(at(init, r), prev + r * H, m, dst + r * H, at(y, r), H, relu);
+  for (; r + kRows <= r1; r += kRows) rows<T, kRows, E>(o.at_row(r));
+  for (; r < r1; ++r) rows<T, 1, E>(o.at_row(r));
 }
 
 template <typename T>
-void forward(const Steps& s, T* out, const T* h0, const T* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1) {
+void forward(const Steps& s, T* out, const T* x, const T* w_ih_t, const T* bias, const T* h0, const T* w_hh_t,
+             T* h_n, bool relu, int64_t r0, int64_t r1) {
   const int64_t H = s.hidden;
+  Operands<T> o;
+  o.m = w_hh_t;
+  o.m_in = w_ih_t;
+  o.I = s.input;
+  o.bias = x ? bias : nullptr;  // otherwise already in `out` with the projection
+  o.H = H;
+  o.relu = relu;
   for (int64_t t = 0; t < s.count; ++t) {
     const int64_t active = std::min(r1, s.batch[t]);
     if (active <= r0) break;  // batch sizes never grow again
-    const T* prev = t == 0 ? h0 : out + s.offset[t - 1] * H;
     T* cur = out + s.offset[t] * H;
-    step_rows<T, Epilogue::kActivate>(cur, prev, w_hh_t, cur, nullptr, H, relu, r0, active);
+    o.prev = t == 0 ? h0 : out + s.offset[t - 1] * H;
+    o.dst = cur;
+    o.init = x ? nullptr : cur;
+    o.in = x ? x + s.offset[t] * s.input : nullptr;
+    step_rows<T, Epilogue::kActivate>(o, r0, active);
     // Rows whose sequence ends here: their state is final.
     const int64_t next = t + 1 < s.count ? std::min(active, s.batch[t + 1]) : r0;
     const int64_t first_done = std::max(r0, next);
@@ -200,9 +264,17 @@ void backward(const Steps& s, T* dz, const T* grad_out, const T* grad_h_n, const
     const T* g = grad_out ? grad_out + base : nullptr;
     // Rows still running at t+1 receive dz_{t+1} W_hh ...
     const int64_t carried = t + 1 < s.count ? std::min(active, s.batch[t + 1]) : r0;
-    if (carried > r0)
-      step_rows<T, Epilogue::kMulDact>(g, dz + s.offset[t + 1] * H, w_hh, dz + base, out + base, H, relu, r0,
-                                       carried);
+    if (carried > r0) {
+      Operands<T> o;
+      o.init = g;
+      o.prev = dz + s.offset[t + 1] * H;
+      o.m = w_hh;
+      o.dst = dz + base;
+      o.y = out + base;
+      o.H = H;
+      o.relu = relu;
+      step_rows<T, Epilogue::kMulDact>(o, r0, carried);
+    }
     // ... rows ending at t receive grad_h_n instead.
     for (int64_t r = std::max(r0, carried); r < active; ++r) {
       const int64_t row = base + r * H;

@@ -114,12 +114,8 @@ std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
 }
 
 Steps steps_of(const Layout& l) {
-  return {l.steps, l.batch_sizes.data(), l.offsets.data(), l.input, l.hidden};
+  return {l.steps, l.batch_sizes.data(), l.offsets.data(), l.hidden};
 }
-
-// Up to this input size the kernel path folds x W_ih^T into the recurrence: a separate GEMM
-// with a tiny inner dimension costs a pass over the output and runs far below BLAS speed.
-constexpr int64_t kFuseMaxInput = 16;
 
 }  // namespace
 
@@ -139,30 +135,20 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   }
   const int64_t H = l.hidden;
   const at::Tensor rows = x.reshape({l.rows, l.input});
+  // The input projection of every step at once; the recurrence then updates it in place.
+  at::Tensor out = b_ih ? at::addmm(*b_ih + *b_hh, rows, w_ih.t()) : at::mm(rows, w_ih.t());
   const at::Tensor h = h0.contiguous();
   at::Tensor h_n = at::empty_like(h);
   if (l.steps == 0) h_n.copy_(h);
-  const bool kernel_path = use_kernel_path(H);
-  const bool fused = kernel_path && l.input <= kFuseMaxInput;
-  const std::optional<at::Tensor> bias = b_ih ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
-  // Unless fused, the input projection of every step is one GEMM, which the recurrence then
-  // updates in place.
-  at::Tensor out = fused ? at::empty({l.rows, H}, x.options())
-                 : bias  ? at::addmm(*bias, rows, w_ih.t())
-                         : at::mm(rows, w_ih.t());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
     const Kernels<scalar_t>& k = kernels<scalar_t>();
-    if (kernel_path) {
+    if (use_kernel_path(H)) {
       const at::Tensor w_hh_t = w_hh.t().contiguous();
-      const at::Tensor x_c = fused ? rows.contiguous() : at::Tensor();
-      const at::Tensor w_ih_t = fused ? w_ih.t().contiguous() : at::Tensor();
-      const scalar_t* b = fused && bias ? bias->const_data_ptr<scalar_t>() : nullptr;
       const Steps s = steps_of(l);
-      for_row_blocks(l.batch, l.rows * H * (H + (fused ? l.input : 0)), [&](int64_t r0, int64_t r1) {
-        k.forward(s, out.data_ptr<scalar_t>(), fused ? x_c.const_data_ptr<scalar_t>() : nullptr,
-                  fused ? w_ih_t.const_data_ptr<scalar_t>() : nullptr, b, h.const_data_ptr<scalar_t>(),
-                  w_hh_t.const_data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), relu, r0, r1);
+      for_row_blocks(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
+        k.forward(s, out.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
+                  h_n.data_ptr<scalar_t>(), relu, r0, r1);
       });
       return;
     }

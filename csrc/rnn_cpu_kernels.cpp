@@ -112,15 +112,15 @@ template <typename T> inline T dact_scalar(T y, bool relu) {
 
 enum class Epilogue { kActivate, kMulDact };
 
-// What one step computes for a block of rows: dst = epilogue(init + bias + in M_in + prev M).
-// Row pointers are at the block's first row; init, prev, dst and y have row stride H, in has I.
+// What one step computes for a block of rows: dst = epilogue(init + prev M). Row pointers are
+// at the block's first row, with row stride H.
+//
+// The input projection x W_ih^T + b is not folded in here, although that would save a pass at
+// tiny input sizes: it is the same BLAS GEMM torch.nn runs, so overflowing products turn into
+// the same Inf and NaN as in torch.nn (an FMA chain would not round a product to Inf first).
 template <typename T>
 struct Operands {
   const T* init = nullptr;  // per-row start values, or null
-  const T* bias = nullptr;  // [H] for every row, or null
-  const T* in = nullptr;    // the input rows when the input projection is fused, or null
-  const T* m_in = nullptr;  // [I][H]: W_ih transposed
-  int64_t I = 0;
   const T* prev = nullptr;  // the rows' previous state (forward) or next dz (backward)
   const T* m = nullptr;     // [H][H]
   T* dst = nullptr;
@@ -132,7 +132,6 @@ struct Operands {
     Operands o = *this;
     auto shift = [r](auto* p, int64_t stride) { return p ? p + r * stride : p; };
     o.init = shift(init, H);
-    o.in = shift(in, I);
     o.prev = shift(prev, H);
     o.dst = shift(dst, H);
     o.y = shift(y, H);
@@ -140,11 +139,10 @@ struct Operands {
   }
 };
 
-// acc[k % S][r][v] += a[r, k] * m[k, j + v W] over k < K: S independent sets of accumulators,
+// acc[k % S][r][v] += a[r, k] * m[k, j + v W] over k < H: S independent sets of accumulators,
 // so that one row alone still has enough FMA chains in flight to hide their latency.
 template <typename T, int R, int NV, int S>
-inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, int64_t a_stride, const T* m, int64_t K, int64_t H,
-                       int64_t j) {
+inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, const T* m, int64_t H, int64_t j) {
   using V = vec<T>;
   constexpr int W = kLanes<T>;
   int64_t k = 0;
@@ -152,13 +150,13 @@ inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, int64_t a_stride, co
     V col[NV];
     for (int v = 0; v < NV; ++v) col[v] = load<V>(m + kk * H + j + v * W);
     for (int r = 0; r < R; ++r) {
-      const V p = V{} + a[r * a_stride + kk];
+      const V p = V{} + a[r * H + kk];
       for (int v = 0; v < NV; ++v) acc[set][r][v] += p * col[v];
     }
   };
-  for (; k + S <= K; k += S)
+  for (; k + S <= H; k += S)
     for (int set = 0; set < S; ++set) one(set, k + set);
-  for (; k < K; ++k) one(0, k);
+  for (; k < H; ++k) one(0, k);
 }
 
 // R rows by NV vectors of columns from column j, accumulators in registers, then the epilogue.
@@ -170,13 +168,10 @@ inline void tile(const Operands<T>& o, int64_t j) {
   V acc[S][R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
-      V start = o.init ? load<V>(o.init + r * H + j + v * W) : V{};
-      if (o.bias) start += load<V>(o.bias + j + v * W);
-      acc[0][r][v] = start;
+      acc[0][r][v] = o.init ? load<V>(o.init + r * H + j + v * W) : V{};
       for (int set = 1; set < S; ++set) acc[set][r][v] = V{};
     }
-  if (o.in) accumulate<T, R, NV, S>(acc, o.in, o.I, o.m_in, o.I, H, j);
-  accumulate<T, R, NV, S>(acc, o.prev, H, o.m, H, H, j);
+  accumulate<T, R, NV, S>(acc, o.prev, o.m, H, j);
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
       V sum = acc[0][r][v];
@@ -205,9 +200,7 @@ inline void rows(const Operands<T>& o) {
   for (; j + W <= H; j += W) tile<T, R, 1, S, E>(o, j);
   for (; j < H; ++j) {
     for (int r = 0; r < R; ++r) {
-      T acc = (o.init ? o.init[r * H + j] : T(0)) + (o.bias ? o.bias[j] : T(0));
-      if (o.in)
-        for (int64_t k = 0; k < o.I; ++k) acc += o.in[r * o.I + k] * o.m_in[k * H + j];
+      T acc = o.init ? o.init[r * H + j] : T(0);
       for (int64_t k = 0; k < H; ++k) acc += o.prev[r * H + k] * o.m[k * H + j];
       o.dst[r * H + j] =
           E == Epilogue::kActivate ? act_scalar(acc, o.relu) : acc * dact_scalar(o.y[r * H + j], o.relu);
@@ -224,14 +217,10 @@ inline void step_rows(const Operands<T>& o, int64_t r0, int64_t r1) {
 }
 
 template <typename T>
-void forward(const Steps& s, T* out, const T* x, const T* w_ih_t, const T* bias, const T* h0, const T* w_hh_t,
-             T* h_n, bool relu, int64_t r0, int64_t r1) {
+void forward(const Steps& s, T* out, const T* h0, const T* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1) {
   const int64_t H = s.hidden;
   Operands<T> o;
   o.m = w_hh_t;
-  o.m_in = w_ih_t;
-  o.I = s.input;
-  o.bias = x ? bias : nullptr;  // otherwise already in `out` with the projection
   o.H = H;
   o.relu = relu;
   for (int64_t t = 0; t < s.count; ++t) {
@@ -240,8 +229,7 @@ void forward(const Steps& s, T* out, const T* x, const T* w_ih_t, const T* bias,
     T* cur = out + s.offset[t] * H;
     o.prev = t == 0 ? h0 : out + s.offset[t - 1] * H;
     o.dst = cur;
-    o.init = x ? nullptr : cur;
-    o.in = x ? x + s.offset[t] * s.input : nullptr;
+    o.init = cur;
     step_rows<T, Epilogue::kActivate>(o, r0, active);
     // Rows whose sequence ends here: their state is final.
     const int64_t next = t + 1 < s.count ? std::min(active, s.batch[t + 1]) : r0;

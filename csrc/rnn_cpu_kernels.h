@@ -13,18 +13,15 @@ struct Steps {
   int64_t count;
   const int64_t* batch;
   const int64_t* offset;
-  int64_t input;
   int64_t hidden;
 };
 
 template <typename T>
 struct Kernels {
-  // Rows [r0, r1) of the forward recurrence, h_t written to `out`, each row's last state to h_n.
-  // The input projection is either fused (x: the packed input rows, w_ih_t: W_ih transposed,
-  // bias: b_ih + b_hh or null) or, with x null, already in `out` on entry. w_hh_t is W_hh
-  // transposed ([k][j] = W_hh[j][k]).
-  void (*forward)(const Steps& s, T* out, const T* x, const T* w_ih_t, const T* bias, const T* h0,
-                  const T* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1);
+  // Rows [r0, r1) of the forward recurrence. `out` holds x W_ih^T + b on entry and h_t on exit;
+  // `w_hh_t` is W_hh transposed ([k][j] = W_hh[j][k]). Writes each row's last state to h_n.
+  void (*forward)(const Steps& s, T* out, const T* h0, const T* w_hh_t, T* h_n, bool relu,
+                  int64_t r0, int64_t r1);
   // Rows [r0, r1) of the reverse recurrence: dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t),
   // where a row's last step takes grad_h_n instead of the product. Null grads count as zeros.
   void (*backward)(const Steps& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out,

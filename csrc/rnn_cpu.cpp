@@ -73,8 +73,6 @@ template <> const Kernels<double>& kernels<double>() { return choice().table->f6
 // Up to this hidden size the register-tiled recurrence beats a BLAS call per step (measured
 // with bench/side_by_side.py; a BLAS GEMM only pays off once each step has real work).
 constexpr int64_t kKernelMaxHidden = 128;
-// Row blocks handed to a thread are multiples of the kernels' register tile.
-constexpr int64_t kRowBlock = 4;
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelMinWork = 1 << 17;
 
@@ -85,17 +83,15 @@ bool use_kernel_path(int64_t hidden) {
   return hidden <= kKernelMaxHidden;
 }
 
-// fn(r0, r1) over row blocks of [0, batch), split over ATen's thread pool when worth it.
+// fn(r0, r1) over [0, batch) rows, one even share per thread of ATen's pool when worth it (rows
+// never interact, so each thread runs the whole sequence for its rows).
 template <typename F>
-void for_row_blocks(int64_t batch, int64_t work, const F& fn) {
-  const int64_t blocks = (batch + kRowBlock - 1) / kRowBlock;
-  if (blocks <= 1 || work < kParallelMinWork || at::get_num_threads() == 1) {
+void for_rows(int64_t batch, int64_t work, const F& fn) {
+  if (batch < 2 || work < kParallelMinWork || at::get_num_threads() == 1) {
     fn(int64_t{0}, batch);
     return;
   }
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    fn(b0 * kRowBlock, std::min(batch, b1 * kRowBlock));
-  });
+  at::parallel_for(0, batch, 1, fn);
 }
 
 // fn(begin, end) over [0, n) elements, split when large.
@@ -146,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
     if (use_kernel_path(H)) {
       const at::Tensor w_hh_t = w_hh.t().contiguous();
       const Steps s = steps_of(l);
-      for_row_blocks(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
+      for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
         k.forward(s, out.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
                   h_n.data_ptr<scalar_t>(), relu, r0, r1);
       });
@@ -208,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const scalar_t* ghn_p = ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr;
     if (use_kernel_path(H)) {
       const Steps s = steps_of(l);
-      for_row_blocks(B, N * H * H, [&](int64_t r0, int64_t r1) {
+      for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
         k.backward(s, dz.data_ptr<scalar_t>(), go_p, ghn_p, y.const_data_ptr<scalar_t>(),
                    w.const_data_ptr<scalar_t>(), relu, r0, r1);
       });

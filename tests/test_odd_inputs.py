@@ -10,17 +10,6 @@ from torch.nn.utils.rnn import pack_sequence
 from myrnn_fast import registry
 from parity import assert_close, cell_pair, check_module, rnn_pair
 
-# Failures found and reported, each pinned until its backend is fixed: (backend, test) -> why.
-KNOWN_FAILURES = {
-}
-
-
-def _known_failure(request, backend, what):
-    reason = KNOWN_FAILURES.get((backend, what))
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def _randn(*shape, dtype=torch.float64, scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
@@ -77,8 +66,7 @@ def test_low_precision_cell(backend):
     torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
 
 
-def test_complex(request, backend):
-    _known_failure(request, backend, "complex")
+def test_complex(backend):
     ref, ours = rnn_pair(backend, 3, 4, 2, dtype=torch.complex128)
     x = (0.3 * torch.randn(5, 2, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))).requires_grad_()
     (a_out, a_h), a_grads = _run(ours, x)
@@ -140,9 +128,7 @@ def test_cuda_cell_device_mismatch(backend):
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_nan_and_inf_in_gradients(request, backend, nonlinearity):
-    if nonlinearity == "relu":
-        _known_failure(request, backend, "relu at NaN")
+def test_nan_and_inf_in_gradients(backend, nonlinearity):
     ref, ours = rnn_pair(backend, 3, 4, 2, nonlinearity=nonlinearity, bidirectional=True)
     x = _randn(6, 3, 3)
     x[1, 0, 0], x[3, 2, 2], x[4, 2, 1] = float("nan"), float("inf"), -float("inf")
@@ -157,9 +143,7 @@ def test_nan_and_inf_in_gradients(request, backend, nonlinearity):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_saturating_and_overflowing_values(request, backend, dtype, nonlinearity):
-    if nonlinearity == "relu":  # overflow gives Inf - Inf = NaN pre-activations
-        _known_failure(request, backend, "relu at NaN")
+def test_saturating_and_overflowing_values(backend, dtype, nonlinearity):
     # Inputs near the dtype's largest value, weights scaled up: tanh saturates at ±1 (zero
     # gradient), relu overflows to Inf, and Inf - Inf gives NaN downstream.
     ref, ours = rnn_pair(backend, 3, 4, 2, nonlinearity=nonlinearity, dtype=dtype)
@@ -291,8 +275,7 @@ def test_cell_double_backward_through_hx(backend):
 
 
 @pytest.mark.parametrize("with_hx", [False, True])
-def test_cell_empty_batch_gradients(request, backend, with_hx):
-    _known_failure(request, backend, "cell empty batch")
+def test_cell_empty_batch_gradients(backend, with_hx):
     ref, ours = cell_pair(backend, 3, 4)
 
     def make():

@@ -16,10 +16,10 @@ from . import __version__, registry
 def extension_info() -> dict:
     """How ``myrnn_fast._C`` was built, or why it cannot be loaded."""
     try:
-        from . import _C  # noqa: F401  (importing registers the torch.ops.myrnn_fast ops)
+        from . import _C  # importing it registers the torch.ops.myrnn_fast ops
     except ImportError as exc:
         return {"built": False, "error": str(exc)}
-    return {"built": True, **json.loads(torch.ops.myrnn_fast.build_info())}
+    return {"built": True, **json.loads(_C.build_info())}
 
 
 def _version(package: str) -> str | None:

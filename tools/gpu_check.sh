@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One pass on a machine with a GPU (and a CUDA build of torch already installed): build the
+# extension against that torch, record how it was built, run the test suite (CUDA cases
+# included) and the quick benchmark on CUDA (cuDNN baseline) and on the CPU.
+# Everything lands in $OUT (default: ./gpu-check). Offline machines: WHEELS=DIR installs the
+# test-only dependencies (hypothesis) from a directory of wheels first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+step() { echo "== $1 ($(date +%T))" | tee -a "$OUT/steps.txt"; }
+
+step environment
+{ nvidia-smi; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())";
+  cmake --version | head -1; nproc; } > "$OUT/environment.txt" 2>&1
+if [ -n "${WHEELS:-}" ]; then "$PY" -m pip install --no-index --find-links "$WHEELS" hypothesis > "$OUT/wheels.log" 2>&1; fi
+
+step build
+if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; exit 1
+fi
+myrnn-fast info > "$OUT/info.txt" 2>&1
+
+step tests
+timeout "${TEST_SECONDS:-300}" "$PY" -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
+echo "pytest exit $?" | tee -a "$OUT/steps.txt"
+tail -15 "$OUT/pytest.log"
+
+# CUDA: the shapes the GPU goals are set on (the article's, cuDNN's persistent-kernel case, fastrnns').
+step "bench cuda"
+timeout "${BENCH_SECONDS:-150}" myrnn-fast bench --device cuda --out "$OUT/bench-cuda" \
+  --shapes ${CUDA_SHAPES:-176,25,1,32 1406,34,120,120 100,64,512,512} > "$OUT/bench-cuda.log" 2>&1
+echo "bench cuda exit $?" | tee -a "$OUT/steps.txt"
+step "bench cpu"
+timeout "${BENCH_SECONDS:-150}" myrnn-fast bench --preset quick --device cpu --out "$OUT/bench-cpu" \
+  > "$OUT/bench-cpu.log" 2>&1
+echo "bench cpu exit $?" | tee -a "$OUT/steps.txt"
+step done

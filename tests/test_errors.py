@@ -143,12 +143,7 @@ RNN_WEIGHT_CASES = {
 
 
 # Failures found and reported, each pinned until its backend is fixed: (backend, case) -> why.
-KNOWN_FAILURES = {
-    ("reference", "integer weight_hh"): (
-        "the reference backend concatenates [w_ih, w_hh], which promotes an integer weight_hh to "
-        "float, so the mismatch torch.nn rejects goes through"
-    ),
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _known_failure(request, backend, case_id):

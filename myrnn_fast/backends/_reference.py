@@ -33,6 +33,8 @@ def layer(
 ) -> tuple[Tensor, Tensor]:
     rows, steps = as_rows(x, batch_sizes)
     act = activation(nonlinearity)
+    if w_hh.dtype != w_ih.dtype:  # cat would promote (an integer w_hh to float) where torch.nn refuses
+        raise RuntimeError(f"w_ih and w_hh must have the same dtype, but got {w_ih.dtype} and {w_hh.dtype}")
     weight = torch.cat([w_ih, w_hh], 1)
     bias = None if b_ih is None else b_ih + b_hh
 

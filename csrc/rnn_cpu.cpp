@@ -2,12 +2,12 @@
 //
 // One call runs a whole sequence. The input projection x W_ih^T + b of every step is one GEMM
 // (ATen, so MKL/OpenBLAS), and so are the weight gradients after the reverse recurrence. The
-// recurrence itself takes one of two paths:
-//  - small hidden sizes: the register-tiled kernels of rnn_cpu_kernels.cpp, no allocation or
-//    dispatch per step. Batch rows never interact, so each thread of ATen's pool runs the whole
-//    sequence for its own block of rows: no synchronization per step at all;
-//  - large hidden sizes: one BLAS GEMM per step (multi-threaded by the BLAS) written in place,
-//    then the vectorized nonlinearity, split over ATen's pool.
+// recurrence itself takes one of two paths (use_kernel_path says which):
+//  - the register-tiled kernels of rnn_cpu_kernels.cpp, no allocation or dispatch per step.
+//    Batch rows never interact, so each thread of ATen's pool runs the whole sequence for its
+//    own share of rows: no synchronization per step at all;
+//  - for large hidden sizes with large batches, one BLAS GEMM per step (multi-threaded by the
+//    BLAS) written in place, then the vectorized nonlinearity, split over ATen's pool.
 
 #include "rnn_cpu.h"
 
@@ -70,17 +70,19 @@ template <typename T> const Kernels<T>& kernels();
 template <> const Kernels<float>& kernels<float>() { return choice().table->f32; }
 template <> const Kernels<double>& kernels<double>() { return choice().table->f64; }
 
-// Up to this hidden size the register-tiled recurrence beats a BLAS call per step (measured
-// with bench/side_by_side.py; a BLAS GEMM only pays off once each step has real work).
-constexpr int64_t kKernelMaxHidden = 128;
+// Where the register-tiled recurrence beats one BLAS GEMM per step (2 cores, AVX-512, MKL;
+// forward and backward alike): every measured shape up to H = 512, by 2x at B = 1; beyond,
+// only thin batches, since each 4-row block streams W_hh (4 MB at H = 1024) from L3.
+constexpr int64_t kKernelMaxHidden = 512;
+constexpr int64_t kKernelMaxBatchAboveThat = 16;
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelMinWork = 1 << 17;
 
-bool use_kernel_path(int64_t hidden) {
+bool use_kernel_path(int64_t hidden, int64_t batch) {
   const std::string& path = choice().path;
   if (path == "kernel") return true;
   if (path == "blas") return false;
-  return hidden <= kKernelMaxHidden;
+  return hidden <= kKernelMaxHidden || (batch > 1 && batch <= kKernelMaxBatchAboveThat);
 }
 
 // fn(r0, r1) over [0, batch) rows, one even share per thread of ATen's pool when worth it (rows
@@ -139,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
     const Kernels<scalar_t>& k = kernels<scalar_t>();
-    if (use_kernel_path(H)) {
+    if (use_kernel_path(H, l.batch)) {
       const at::Tensor w_hh_t = w_hh.t().contiguous();
       const Steps s = steps_of(l);
       for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
@@ -202,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const Kernels<scalar_t>& k = kernels<scalar_t>();
     const scalar_t* go_p = go.defined() ? go.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* ghn_p = ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr;
-    if (use_kernel_path(H)) {
+    if (use_kernel_path(H, l.batch)) {
       const Steps s = steps_of(l);
       for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
         k.backward(s, dz.data_ptr<scalar_t>(), go_p, ghn_p, y.const_data_ptr<scalar_t>(),

@@ -21,7 +21,7 @@ std::string cpu_isa();
 std::vector<std::string> cpu_isas();  // the ones this CPU and build support
 void set_cpu_isa(const std::string& isa);
 
-// How the recurrence runs: "auto" (by hidden size), "kernel" (register-tiled) or "blas".
+// How the recurrence runs: "auto" (by hidden and batch size), "kernel" (register-tiled) or "blas".
 std::string cpu_path();
 void set_cpu_path(const std::string& path);
 

@@ -19,6 +19,7 @@ process pays the JIT. Threads: see :func:`_threads`.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -50,6 +51,13 @@ else:
     if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
         if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
             numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    # The per-step np.dot runs inside the kernels' own prange over batch rows, so SciPy's OpenBLAS
+    # needs no threads of its own; left with them, its workers busy-wait after every call and
+    # take a core from whatever runs next (measured: torch.nn.RNN and the cpp backend ran 2x
+    # slower in a process that had run this backend at H >= 128). Only if SciPy's BLAS is not
+    # loaded yet and the user set nothing: OpenBLAS reads this when it loads.
+    if "scipy.linalg" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def unavailable_reason() -> str | None:

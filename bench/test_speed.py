@@ -20,4 +20,5 @@ def test_speed(benchmark, case, bench_device):
     rounds = timing.rounds_for(estimate * calls, SECONDS_PER_CASE, MIN_ROUNDS, 200)
     benchmark.group = f"{pass_} T,B,I,H = {workloads.label(shape)}"
     benchmark.extra_info.update(implementation=impl, flops=workloads.flops(shape, pass_), device=bench_device)
-    benchmark.pedantic(fn, rounds=rounds, iterations=calls, warmup_rounds=0)
+    with timing.grad_mode(fn):  # fwd and cell run with autograd off
+        benchmark.pedantic(fn, rounds=rounds, iterations=calls, warmup_rounds=0)

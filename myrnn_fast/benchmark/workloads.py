@@ -110,9 +110,11 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
 def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, seed: int = 0) -> Callable[[], object]:
     """A zero-argument callable running one pass of ``impl``; inputs and weights are built here, once.
 
-    ``fwd``: the RNN's forward under ``no_grad``. ``fwd+bwd``: a training step's RNN work, the
+    ``fwd``: the RNN's forward with autograd off. ``fwd+bwd``: a training step's RNN work, the
     forward and the backward to every parameter (the input and the default zero ``h0`` need no
-    gradient, as for a first layer). ``cell``: one ``RNNCell`` step under ``no_grad``.
+    gradient, as for a first layer). ``cell``: one ``RNNCell`` step with autograd off. "Autograd
+    off" is the callable's ``grad_enabled = False``, which the timing applies around whole
+    samples (:func:`myrnn_fast.benchmark.timing.grad_mode`).
     """
     if pass_ not in PASSES:
         raise ValueError(f"unknown pass {pass_!r}; valid passes are: {', '.join(PASSES)}")
@@ -137,23 +139,23 @@ def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, se
     if pass_ == "cell":
         x, h = randn(B, I), randn(B, H)
 
-        def cell():
-            with torch.no_grad():
-                result = module(x, h)
+        def cell():  # timed with autograd off (see timing._sample), as the forward pass
+            result = module(x, h)
             sync()
             return result
 
+        cell.grad_enabled = False
         return cell
 
     x = randn(T, B, I)
     if pass_ == "fwd":
 
         def forward():
-            with torch.no_grad():
-                result = module(x)
+            result = module(x)
             sync()
             return result
 
+        forward.grad_enabled = False
         return forward
 
     grad_out, grad_h = randn(T, B, H), randn(1, B, H)

@@ -91,8 +91,12 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     }
   });
-  // An RNNCell step costs a few microseconds of work; the dispatcher and a Python autograd
-  // layer would cost more. The cpp backend calls this when no graph is being recorded.
+  // An RNNCell step, or a short sequence, costs a few microseconds of work; the dispatcher and
+  // a Python autograd layer would cost more. The cpp backend calls these when no graph is
+  // being recorded.
+  m.def("rnn_forward_cpu", &cpu::rnn_forward, "rnn_forward's CPU kernel, without dispatch or autograd",
+        pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
+        pybind11::arg("b_hh"), pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"));
   m.def("rnn_cell_cpu", &cpu::rnn_cell, "rnn_cell's CPU kernel, without dispatch or autograd", pybind11::arg("x"),
         pybind11::arg("h"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));

@@ -5,12 +5,18 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 #include <string>
 #include <vector>
 
 namespace myrnn_fast::cpu {
 
-// The CPU kernel of the rnn_cell op, callable without the dispatcher.
+// The CPU kernels of the rnn_forward and rnn_cell ops, callable without the dispatcher.
+std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                               const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                               const std::optional<at::Tensor>& b_hh,
+                                               const std::optional<at::Tensor>& batch_sizes,
+                                               c10::string_view nonlinearity);
 at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                     c10::string_view nonlinearity);

@@ -331,7 +331,7 @@ class RNN(nn.Module):
             x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        return x, torch.stack(h_n)
+        return x, h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n)
 
 
 class RNNCell(nn.Module):

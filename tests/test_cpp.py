@@ -263,3 +263,20 @@ def test_bad_direct_calls_raise_not_crash():
         ops.rnn_forward(x.reshape(-1, 2), h0, w_ih, w_hh, b_ih, b_hh, torch.tensor([3, 3, 3]), "tanh")
     with pytest.raises(ValueError, match="nonlinearity"):
         ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, None, "gelu")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_no_grad_calls_skip_the_dispatcher_with_the_same_results(packed):
+    # Without autograd the backend calls the kernels through pybind11 (_C.rnn_forward_cpu,
+    # _C.rnn_cell_cpu): same numbers as the ops, and the same refusals.
+    from myrnn_fast.backends import _cpp
+
+    args = _layer_args(packed=packed)
+    with torch.no_grad():
+        direct = _cpp.layer(*args[:6], args[7], args[6])
+        cell = _cpp.cell(args[0][:3] if packed else args[0][0], args[1], *args[2:6], "tanh")
+    via_op = ops.rnn_forward(*args)
+    assert all(torch.equal(a, b) for a, b in zip(direct, via_op))
+    assert torch.equal(cell, ops.rnn_cell(args[0][:3] if packed else args[0][0], args[1], *args[2:6], "tanh"))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="w_hh must be square"):
+        _cpp.layer(args[0], args[1], args[2], args[3][:, :2], *args[4:6], "tanh", args[6])

@@ -44,6 +44,10 @@ def layer(
 ) -> tuple[Tensor, Tensor]:
     if isinstance(x, Tensor) and x.is_complex():
         return _torch.layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # No graph to record: the kernel without the dispatcher and register_autograd's Python
+        # layer (some 5 us, which is what a short sequence costs in all).
+        return _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
     return ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
 
 

@@ -133,14 +133,24 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   }
   const int64_t H = l.hidden;
   const at::Tensor rows = x.reshape({l.rows, l.input});
-  // The input projection of every step at once; the recurrence then updates it in place.
-  at::Tensor out = b_ih ? at::addmm(*b_ih + *b_hh, rows, w_ih.t()) : at::mm(rows, w_ih.t());
+  const std::optional<at::Tensor> bias = b_ih ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+  at::Tensor out;
   const at::Tensor h = h0.contiguous();
   at::Tensor h_n = at::empty_like(h);
   if (l.steps == 0) h_n.copy_(h);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
     const Kernels<scalar_t>& k = kernels<scalar_t>();
+    // The input projection of every step at once; the recurrence then updates it in place.
+    if (l.input == 1) {
+      out = at::empty({l.rows, H}, x.options());
+      const auto xc = rows.expect_contiguous();
+      const auto wc = w_ih.expect_contiguous();
+      k.project_univariate(out.data_ptr<scalar_t>(), xc->const_data_ptr<scalar_t>(), wc->const_data_ptr<scalar_t>(),
+                           bias ? bias->const_data_ptr<scalar_t>() : nullptr, l.rows, H);
+    } else {
+      out = bias ? at::addmm(*bias, rows, w_ih.t()) : at::mm(rows, w_ih.t());
+    }
     if (use_kernel_path(H, l.batch)) {
       const at::Tensor w_hh_t = w_hh.t().contiguous();
       const Steps s = steps_of(l);

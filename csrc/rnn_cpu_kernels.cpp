@@ -281,6 +281,19 @@ void backward(const Steps& s, T* dz, const T* grad_out, const T* grad_h_n, const
 }
 
 template <typename T>
+void project_univariate(T* out, const T* x, const T* w, const T* b, int64_t rows, int64_t hidden) {
+  using V = vec<T>;
+  constexpr int W = kLanes<T>;
+  for (int64_t n = 0; n < rows; ++n) {
+    const V xn = V{} + x[n];
+    T* o = out + n * hidden;
+    int64_t j = 0;
+    for (; j + W <= hidden; j += W) store(o + j, (b ? load<V>(b + j) : V{}) + xn * load<V>(w + j));
+    for (; j < hidden; ++j) o[j] = (b ? b[j] : T(0)) + x[n] * w[j];
+  }
+}
+
+template <typename T>
 void activate(T* y, int64_t n, bool relu) {
   using V = vec<T>;
   int64_t i = 0;
@@ -328,7 +341,7 @@ void cell(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, c
 
 template <typename T>
 constexpr Kernels<T> kernels_for() {
-  return {&forward<T>, &backward<T>, &activate<T>, &mul_dact<T>, &cell<T>};
+  return {&forward<T>, &backward<T>, &project_univariate<T>, &activate<T>, &mul_dact<T>, &cell<T>};
 }
 
 }  // namespace

@@ -26,6 +26,10 @@ struct Kernels {
   // where a row's last step takes grad_h_n instead of the product. Null grads count as zeros.
   void (*backward)(const Steps& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out,
                    const T* w_hh, bool relu, int64_t r0, int64_t r1);
+  // The input projection of univariate input (I = 1) in one pass: out[n, :] = x[n] w + b (b may
+  // be null). A GEMM with inner dimension 1 runs far below BLAS speed and, with a bias, writes
+  // the output twice; this is the same single product and sum per element.
+  void (*project_univariate)(T* out, const T* x, const T* w, const T* b, int64_t rows, int64_t hidden);
   // Elementwise pieces of the GEMM path: y = act(y), and g *= act'(y) given y = act(z).
   void (*activate)(T* y, int64_t n, bool relu);
   void (*mul_dact)(T* g, const T* y, int64_t n, bool relu);

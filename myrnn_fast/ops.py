@@ -101,14 +101,19 @@ def _bias_grads(ctx, grad_b):
     return (grad_b, grad_b) if ctx.has_bias else (None, None)
 
 
-def _rnn_forward_setup(ctx, inputs, output):
+def save_layer_context(ctx, inputs, out):
+    """What rnn_forward's backward needs: the inputs but the biases, and the output."""
     x, h0, w_ih, w_hh, b_ih, _, batch_sizes, nonlinearity = inputs
-    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], batch_sizes)
+    ctx.save_for_backward(x, h0, w_ih, w_hh, out, batch_sizes)
     ctx.nonlinearity = nonlinearity
     ctx.has_bias = b_ih is not None
 
 
-def _rnn_forward_backward(ctx, grad_out, grad_h_n):
+def _rnn_forward_setup(ctx, inputs, output):
+    save_layer_context(ctx, inputs, output[0])
+
+
+def layer_backward(ctx, grad_out, grad_h_n):
     x, h0, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
     backward = _differentiable_backward if torch.is_grad_enabled() else rnn_backward
@@ -135,9 +140,7 @@ def _differentiable_backward(grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_s
     return (grad_rows.view(x.shape) if need_grad_x else None, *rest)
 
 
-torch.library.register_autograd(
-    "myrnn_fast::rnn_forward", _rnn_forward_backward, setup_context=_rnn_forward_setup
-)
+torch.library.register_autograd("myrnn_fast::rnn_forward", layer_backward, setup_context=_rnn_forward_setup)
 
 
 def _rnn_cell_setup(ctx, inputs, output):

@@ -44,11 +44,28 @@ def layer(
 ) -> tuple[Tensor, Tensor]:
     if isinstance(x, Tensor) and x.is_complex():
         return _torch.layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # No graph to record: the kernel without the dispatcher and register_autograd's Python
-        # layer (some 5 us, which is what a short sequence costs in all).
-        return _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
+    if not torch.compiler.is_compiling():
+        if not torch.is_grad_enabled():
+            # No graph to record: the kernel without the dispatcher and register_autograd's
+            # Python layer (some 5 us, which is what a short sequence costs in all).
+            return _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
+        return _EagerLayer.apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
     return ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
+
+
+class _EagerLayer(torch.autograd.Function):
+    """The op's autograd (``ops``: same saved tensors, same backward function and op) in a plain
+    autograd.Function for eager calls: torch.library's Python dispatch layer around
+    register_autograd costs some 30 us a forward+backward, more than a short sequence's work.
+    torch.compile traces the op and its registered autograd instead."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity):
+        out, h_n = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
+        ops.save_layer_context(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity), out)
+        return out, h_n
+
+    backward = staticmethod(ops.layer_backward)
 
 
 def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):

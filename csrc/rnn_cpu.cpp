@@ -237,13 +237,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
       }
       // ... and grad_out_t + grad_h_n for the rows that end at t.
       if (active > carried) {
-        at::Tensor tail = dz_t.narrow(0, carried, active - carried);
+        const int64_t ending = active - carried;
+        at::Tensor tail = dz_t.narrow(0, carried, ending);
         if (go.defined() && ghn.defined())
-          at::add_out(tail, go.narrow(0, l.offsets[t] + carried, active - carried), ghn.narrow(0, carried, active - carried));
+          at::add_out(tail, go.narrow(0, l.offsets[t] + carried, ending), ghn.narrow(0, carried, ending));
         else if (go.defined())
-          tail.copy_(go.narrow(0, l.offsets[t] + carried, active - carried));
+          tail.copy_(go.narrow(0, l.offsets[t] + carried, ending));
         else if (ghn.defined())
-          tail.copy_(ghn.narrow(0, carried, active - carried));
+          tail.copy_(ghn.narrow(0, carried, ending));
         else
           tail.zero_();
       }

@@ -113,7 +113,9 @@ def _rnn_forward_setup(ctx, inputs, output):
     save_layer_context(ctx, inputs, output[0])
 
 
-def layer_backward(ctx, grad_out, grad_h_n):
+def rnn_forward_backward(ctx, grad_out, grad_h_n):
+    """rnn_forward's backward (also _cpp._EagerLayer's): the rnn_backward op, or differentiable
+    formulas when autograd records the backward itself (create_graph=True)."""
     x, h0, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
     backward = _differentiable_backward if torch.is_grad_enabled() else rnn_backward
@@ -140,7 +142,9 @@ def _differentiable_backward(grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_s
     return (grad_rows.view(x.shape) if need_grad_x else None, *rest)
 
 
-torch.library.register_autograd("myrnn_fast::rnn_forward", layer_backward, setup_context=_rnn_forward_setup)
+torch.library.register_autograd(
+    "myrnn_fast::rnn_forward", rnn_forward_backward, setup_context=_rnn_forward_setup
+)
 
 
 def _rnn_cell_setup(ctx, inputs, output):

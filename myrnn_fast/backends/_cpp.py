@@ -65,7 +65,7 @@ class _EagerLayer(torch.autograd.Function):
         ops.save_layer_context(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity), out)
         return out, h_n
 
-    backward = staticmethod(ops.layer_backward)
+    backward = staticmethod(ops.rnn_forward_backward)
 
 
 def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):

@@ -395,7 +395,8 @@ class RNNCell(nn.Module):
             if step is not None and input.dim() == 2 and not torch.compiler.is_compiling():
                 p = self._parameters
                 try:
-                    return step(input, hx, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], self.nonlinearity)
+                    args = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], self.nonlinearity)
+                    return step(input, hx, *args)
                 except (RuntimeError, TypeError, ValueError):
                     pass
         x = _tensor(input, "input")

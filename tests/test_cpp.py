@@ -280,3 +280,16 @@ def test_no_grad_calls_skip_the_dispatcher_with_the_same_results(packed):
     assert torch.equal(cell, ops.rnn_cell(args[0][:3] if packed else args[0][0], args[1], *args[2:6], "tanh"))
     with torch.no_grad(), pytest.raises(RuntimeError, match="w_hh must be square"):
         _cpp.layer(args[0], args[1], args[2], args[3][:, :2], *args[4:6], "tanh", args[6])
+
+
+def test_tensor_subclasses_go_through_the_ops():
+    # Fake tensors (shape tracing outside torch.compile) must reach the ops' fake implementations,
+    # not the pybind11 shortcut that reads data pointers.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    rnn, cell = myrnn_fast.RNN(3, 5, backend="cpp"), myrnn_fast.RNNCell(3, 5, backend="cpp")
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        out, h_n = rnn(torch.empty(4, 2, 3))
+        h = cell(torch.empty(2, 3), torch.empty(2, 5))
+    assert isinstance(out, FakeTensor) and out.shape == (4, 2, 5) and h_n.shape == (1, 2, 5)
+    assert isinstance(h, FakeTensor) and h.shape == (2, 5)

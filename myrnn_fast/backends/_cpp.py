@@ -44,7 +44,7 @@ def layer(
 ) -> tuple[Tensor, Tensor]:
     if isinstance(x, Tensor) and x.is_complex():
         return _torch.layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
-    if not torch.compiler.is_compiling():
+    if type(x) is Tensor and not torch.compiler.is_compiling():  # subclasses (fake, functorch) dispatch
         if not torch.is_grad_enabled():
             # No graph to record: the kernel without the dispatcher and register_autograd's
             # Python layer (some 5 us, which is what a short sequence costs in all).
@@ -79,5 +79,8 @@ def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
 def cell_step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
     """A step that records no graph: the rnn_cell op's CPU kernel without the dispatcher and the
     Python autograd layer, which together cost more than a small step itself. It validates its
-    arguments like the op (and refuses complex ones)."""
+    arguments like the op (and refuses complex ones). Tensor subclasses (fake tensors, functorch
+    wrappers) go through the op, whose dispatcher knows them."""
+    if type(x) is not Tensor or type(h) is not Tensor:
+        return ops.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     return _C.rnn_cell_cpu(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)

@@ -93,11 +93,12 @@ PYBIND11_MODULE(_C, m) {
   });
   // An RNNCell step, or a short sequence, costs a few microseconds of work; the dispatcher and
   // a Python autograd layer would cost more. The cpp backend calls these when no graph is
-  // being recorded.
-  m.def("rnn_forward_cpu", &cpu::rnn_forward, "rnn_forward's CPU kernel, without dispatch or autograd",
+  // being recorded. Like torch's own ops they let other Python threads run meanwhile.
+  const auto no_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("rnn_forward_cpu", &cpu::rnn_forward, "rnn_forward's CPU kernel, without dispatch or autograd", no_gil,
         pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"));
-  m.def("rnn_cell_cpu", &cpu::rnn_cell, "rnn_cell's CPU kernel, without dispatch or autograd", pybind11::arg("x"),
+  m.def("rnn_cell_cpu", &cpu::rnn_cell, "rnn_cell's CPU kernel, without dispatch or autograd", no_gil, pybind11::arg("x"),
         pybind11::arg("h"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));
   m.def("cpu_isa", &cpu::cpu_isa, "instruction set of the CPU kernels in use");

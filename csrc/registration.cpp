@@ -98,9 +98,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("rnn_forward_cpu", &cpu::rnn_forward, "rnn_forward's CPU kernel, without dispatch or autograd", no_gil,
         pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"));
-  m.def("rnn_cell_cpu", &cpu::rnn_cell, "rnn_cell's CPU kernel, without dispatch or autograd", no_gil, pybind11::arg("x"),
-        pybind11::arg("h"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
-        pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));
+  // A small step is over before another thread could take the GIL: only larger ones let it go.
+  m.def(
+      "rnn_cell_cpu",
+      [](const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+         const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity) {
+        const int64_t multiply_adds = h.dim() == 2 ? h.size(0) * (w_ih.numel() + w_hh.numel()) : 0;
+        if (multiply_adds < (1 << 16)) return cpu::rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+        pybind11::gil_scoped_release no_gil_while_computing;
+        return cpu::rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+      },
+      "rnn_cell's CPU kernel, without dispatch or autograd", pybind11::arg("x"), pybind11::arg("h"),
+      pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"),
+      pybind11::arg("nonlinearity"));
   m.def("cpu_isa", &cpu::cpu_isa, "instruction set of the CPU kernels in use");
   m.def("cpu_isas", &cpu::cpu_isas, "instruction sets this CPU and build support");
   m.def("set_cpu_isa", &cpu::set_cpu_isa, "use another supported instruction set (tests, benchmarks)");

@@ -151,9 +151,14 @@ def resolve_backend(device: torch.device | str | None = None, name: str | None =
 def kernels(device: torch.device, name: str | None = None) -> ModuleType:
     """The backend module that runs for tensors on ``device``: :func:`resolve_backend` for the
     modules' forward, where it runs on every call and so is cached."""
-    key = (_default if name is None else name, device.type)
-    found = _KERNELS.get(key)  # one dict lookup on the hot path once a pair has been resolved
-    return found if found is not None else _LOADED[_resolved_name(*key)]
+    requested = _default if name is None else name
+    if not torch.compiler.is_compiling():
+        found = _KERNELS.get((requested, device.type))  # the hot path: one lookup once resolved
+        if found is not None:
+            return found
+    # While dynamo traces, _resolved_name runs eagerly and may fill _KERNELS: a guard on that
+    # dict read before it would fail on the frame that created it. _LOADED is read after.
+    return _LOADED[_resolved_name(requested, device.type)]
 
 
 _KERNELS: dict[tuple[str, str], ModuleType] = {}  # (requested name, device type) -> module

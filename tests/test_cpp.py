@@ -210,8 +210,25 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(loss_c, loss_e)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b)
-    # The graph holds our op, not a per-step unrolled loop (which is what makes compiling quick).
     assert seconds < 60, f"compile and first call took {seconds:.1f} s"
+
+
+def test_torch_compile_graph_holds_one_op_per_layer():
+    # What makes compiling quick: dynamo captures one graph with the op for each of the 2 layers,
+    # not a loop unrolled over the time steps.
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    net = _Net()
+    torch.compile(net, fullgraph=True, backend=record)(torch.randn(5, 12, 1))
+    assert len(graphs) == 1
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.myrnn_fast.rnn_forward.default) == 2
+    assert len(targets) < 30, f"{len(targets)} calls: the time loop was unrolled"
 
 
 def test_torch_compile_inductor_runs_the_op():
@@ -293,3 +310,19 @@ def test_tensor_subclasses_go_through_the_ops():
         h = cell(torch.empty(2, 3), torch.empty(2, 5))
     assert isinstance(out, FakeTensor) and out.shape == (4, 2, 5) and h_n.shape == (1, 2, 5)
     assert isinstance(h, FakeTensor) and h.shape == (2, 5)
+
+
+def test_torch_compile_in_a_fresh_process():
+    # Compiling before any eager call means the backend is resolved while dynamo traces, which once
+    # failed a guard on the registry's cache ("Guard failed on the same frame it was created").
+    code = (
+        "import torch, myrnn_fast\n"
+        "rnn, cell = myrnn_fast.RNN(2, 4, backend='cpp'), myrnn_fast.RNNCell(2, 4)\n"
+        "x = torch.randn(3, 2, 2)\n"
+        "out, h = torch.compile(rnn, fullgraph=True, backend='aot_eager')(x)\n"
+        "torch.testing.assert_close(out, rnn(x)[0])\n"
+        "y = torch.compile(cell, fullgraph=True, backend='aot_eager')(x[0], h[0])\n"
+        "torch.testing.assert_close(y, cell(x[0], h[0]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

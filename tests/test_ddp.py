@@ -3,8 +3,10 @@ take half of a batch, and their averaged gradients and the parameters after two 
 a single process's on the whole batch. The default run covers ``auto`` (what users get); ``-m slow``
 covers every available backend, in one pair of processes."""
 
+import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -56,20 +58,22 @@ def _train(model, x, y):
 def _rank(rank, port, backends, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        x, y = _data()
-        mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        results = {}
-        for backend in backends:
-            torch.manual_seed(0)
-            ddp = DistributedDataParallel(Regressor(backend))
-            grads, params = _train(ddp, x[mine], y[mine])
-            strip = lambda d: {n.removeprefix("module."): t for n, t in d.items()}  # noqa: E731
-            results[backend] = (strip(grads), strip(params))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    x, y = _data()
+    mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    results = {}
+    for backend in backends:
+        torch.manual_seed(0)
+        ddp = DistributedDataParallel(Regressor(backend))
+        grads, params = _train(ddp, x[mine], y[mine])
+        strip = lambda d: {n.removeprefix("module."): t for n, t in d.items()}  # noqa: E731
+        results[backend] = (strip(grads), strip(params))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    # Everything this rank has to say is on disk: skip the teardown. Destroying a gloo process
+    # group while its worker thread still releases Python-owned state can deadlock on the GIL
+    # (torch's ~ProcessGroupGloo joins that thread with the GIL held); it hung CI once.
+    os._exit(0)
 
 
 def _free_port():
@@ -84,7 +88,15 @@ def _free_port():
     ids=["auto", "every-backend"],
 )
 def test_ddp_matches_single_process(tmp_path, backends):
-    mp.spawn(_rank, args=(_free_port(), backends, str(tmp_path)), nprocs=WORLD, join=True)
+    context = mp.start_processes(
+        _rank, args=(_free_port(), backends, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 300  # a hung rank must fail the test, not stall the suite
+    while not context.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DDP ranks did not finish within 300 s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     x, y = _data()

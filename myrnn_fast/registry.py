@@ -35,9 +35,6 @@ _MODULES = {
     "numba": "myrnn_fast.backends._numba",
     "cpp": "myrnn_fast.backends._cpp",
 }
-# Backends named by the public surface whose kernels are not in this release yet.
-_NOT_SHIPPED = {
-}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -71,8 +68,6 @@ def unavailable_reason(name: str) -> str | None:
 
 @functools.cache  # an install does not change under a running process
 def _unavailable_reason(name: str) -> str | None:
-    if name in _NOT_SHIPPED:
-        return _NOT_SHIPPED[name]
     try:
         module = _load(name)
     except ImportError as exc:  # a broken install; say so rather than hide the backend

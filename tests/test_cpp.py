@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -202,15 +201,12 @@ def test_torch_compile_fullgraph_matches_eager():
         return loss, grads
 
     torch._dynamo.reset()
-    start = time.perf_counter()
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
     loss_c, grads_c = step(compiled)
-    seconds = time.perf_counter() - start
     loss_e, grads_e = step(net)
     torch.testing.assert_close(loss_c, loss_e)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b)
-    assert seconds < 60, f"compile and first call took {seconds:.1f} s"
 
 
 def test_torch_compile_graph_holds_one_op_per_layer():

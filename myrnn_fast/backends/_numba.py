@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _reference
+from . import _torch
 from ._common import activation, as_rows, like_input
 
 DEVICE_TYPES = ("cpu",)
@@ -383,21 +383,15 @@ def _previous_row_index(sizes, offsets):
 
 
 def _differentiable_backward(ctx, grad_out, grad_h_n):
-    from . import _torch
-
-    rows, h0, w_ih, w_hh, b_ih, b_hh, _ = ctx.saved_tensors
-    inputs = (rows, h0, w_ih, w_hh, b_ih, b_hh)
-    wanted = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t is not None]
-    with torch.enable_grad():
-        detached = [t if t is None or t.requires_grad else t.detach().requires_grad_(i in wanted)
-                    for i, t in enumerate(inputs)]
-        out, h_n = _torch._Layer.apply(*detached, ctx.steps, ctx.relu)
-        grads = torch.autograd.grad((out, h_n), [detached[i] for i in wanted], (grad_out, grad_h_n),
-                                    create_graph=True, allow_unused=True)
-    result = [None] * 8
-    for i, g in zip(wanted, grads):
-        result[i] = g if g is not None else torch.zeros_like(inputs[i])
-    return tuple(result)
+    """The torch backend's backward formulas, which are differentiable: a backward with
+    create_graph=True needs a graph of itself (the cpp backend does the same)."""
+    rows, h0, w_ih, w_hh, b_ih, _, out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    *grads, grad_b = _torch.layer_backward(
+        grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, ctx.steps, ctx.relu,
+        need[:4] + (b_ih is not None and (need[4] or need[5]),),
+    )
+    return (*grads, grad_b, grad_b, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,9 +467,9 @@ def layer(
     _check(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
     dtype = x.dtype
     if dtype.is_complex:
-        # torch.nn accepts complex RNNs; the kernels are real. The reference loop's autograd
-        # gets complex gradients right.
-        return _reference.layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
+        # torch.nn accepts complex RNNs; the kernels are real. The torch backend's loop takes
+        # them, as it does for the cpp backend.
+        return _torch.layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
     if dtype in _UPCAST:
         # float16 / bfloat16: computed in float32, rounded once at the end.
         up = [t if t is None else t.float() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]

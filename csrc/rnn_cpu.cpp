@@ -13,6 +13,7 @@
 
 #include "rnn_checks.h"
 #include "rnn_cpu_kernels.h"
+#include "rnn_layer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -160,17 +161,10 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
       });
       return;
     }
-    for (int64_t t = 0; t < l.steps; ++t) {
-      const int64_t active = l.batch_sizes[t];
-      at::Tensor cur = out.narrow(0, l.offsets[t], active);
-      const at::Tensor prev = t == 0 ? h.narrow(0, 0, active) : out.narrow(0, l.offsets[t - 1], active);
-      cur.addmm_(prev, w_hh.t());
+    gemm_forward(out, h, w_hh, h_n, l, [&](const at::Tensor& cur) {
       scalar_t* y = cur.data_ptr<scalar_t>();
-      for_elements(active * H, [&](int64_t i0, int64_t i1) { k.activate(y + i0, i1 - i0, relu); });
-      // Rows whose sequence ends at this step: their state is final.
-      const int64_t next = t + 1 < l.steps ? l.batch_sizes[t + 1] : 0;
-      if (active > next) h_n.narrow(0, next, active - next).copy_(cur.narrow(0, next, active - next));
-    }
+      for_elements(cur.numel(), [&](int64_t i0, int64_t i1) { k.activate(y + i0, i1 - i0, relu); });
+    });
   });
   return {out.view(output_sizes(x, H)), h_n};
 }
@@ -222,63 +216,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
       });
       return;
     }
-    for (int64_t t = l.steps - 1; t >= 0; --t) {
-      const int64_t active = l.batch_sizes[t];
-      const int64_t carried = t + 1 < l.steps ? l.batch_sizes[t + 1] : 0;
-      at::Tensor dz_t = dz.narrow(0, l.offsets[t], active);
-      // dz_t = grad_out_t + dz_{t+1} W_hh for rows still running at t+1 ...
-      if (carried > 0) {
-        at::Tensor head = dz_t.narrow(0, 0, carried);
-        const at::Tensor dz_next = dz.narrow(0, l.offsets[t + 1], carried);
-        if (go.defined())
-          at::addmm_out(head, go.narrow(0, l.offsets[t], carried), dz_next, w);
-        else
-          at::mm_out(head, dz_next, w);
-      }
-      // ... and grad_out_t + grad_h_n for the rows that end at t.
-      if (active > carried) {
-        const int64_t ending = active - carried;
-        at::Tensor tail = dz_t.narrow(0, carried, ending);
-        if (go.defined() && ghn.defined())
-          at::add_out(tail, go.narrow(0, l.offsets[t] + carried, ending), ghn.narrow(0, carried, ending));
-        else if (go.defined())
-          tail.copy_(go.narrow(0, l.offsets[t] + carried, ending));
-        else if (ghn.defined())
-          tail.copy_(ghn.narrow(0, carried, ending));
-        else
-          tail.zero_();
-      }
-      scalar_t* g = dz_t.data_ptr<scalar_t>();
-      const scalar_t* y_t = y.const_data_ptr<scalar_t>() + l.offsets[t] * H;
-      for_elements(active * H, [&](int64_t i0, int64_t i1) { k.mul_dact(g + i0, y_t + i0, i1 - i0, relu); });
-    }
+    gemm_backward(dz, go, ghn, y, w, l, [&](const at::Tensor& g_t, const at::Tensor& y_t) {
+      scalar_t* g = g_t.data_ptr<scalar_t>();
+      const scalar_t* yp = y_t.const_data_ptr<scalar_t>();
+      for_elements(g_t.numel(), [&](int64_t i0, int64_t i1) { k.mul_dact(g + i0, yp + i0, i1 - i0, relu); });
+    });
   });
-
-  // Everything else is one GEMM or reduction over all steps at once.
-  const at::Tensor rows = x.reshape({N, l.input});
-  at::Tensor grad_x = need_grad_x ? at::mm(dz, w_ih).view(x.sizes()) : at::empty({0}, x.options());
-  at::Tensor grad_w_ih = at::mm(dz.t(), rows);
-  at::Tensor grad_b = dz.sum(0);
-  at::Tensor grad_h0, grad_w_hh;
-  if (l.steps == 0) {  // h_n is h0 itself
-    grad_h0 = ghn.defined() ? ghn.clone() : at::zeros({B, H}, y.options());
-    grad_w_hh = at::zeros({H, H}, y.options());
-  } else {
-    // Every row is active at step 0, so dz's first B rows meet h0; later rows meet the previous
-    // step's output of the same batch row, which for packed input is a prefix of that step.
-    const at::Tensor dz0 = dz.narrow(0, 0, B), dz_rest = dz.narrow(0, B, N - B);
-    grad_h0 = at::mm(dz0, w);
-    at::Tensor prev;
-    if (!l.packed) {
-      prev = y.narrow(0, 0, N - B);
-    } else {
-      prev = at::empty({N - B, H}, y.options());
-      for (int64_t t = 1; t < l.steps; ++t)
-        prev.narrow(0, l.offsets[t] - B, l.batch_sizes[t]).copy_(y.narrow(0, l.offsets[t - 1], l.batch_sizes[t]));
-    }
-    grad_w_hh = at::addmm(at::mm(dz0.t(), h0), dz_rest.t(), prev);
-  }
-  return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b};
+  return layer_grads(dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
 }
 
 // ---- one RNNCell step -----------------------------------------------------------------------

@@ -1,0 +1,109 @@
+// The device-agnostic parts of a layer, shared by the CPU and CUDA ops: the recurrence as one
+// GEMM per step (for hidden sizes the fused kernels do not cover) and everything the backward
+// does after the reverse recurrence. Only ATen calls here, so each runs on the tensors' device
+// (MKL/OpenBLAS or cuBLAS, on the current stream); the caller passes its own elementwise kernels.
+#pragma once
+
+#include "rnn_checks.h"
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace myrnn_fast {
+
+// A host vector of indices as an int64 tensor on `device`. To a GPU it goes from pinned memory
+// without blocking: the op must not synchronize the host with the stream.
+inline at::Tensor index_tensor(const std::vector<int64_t>& values, const at::Device& device) {
+  const auto n = static_cast<int64_t>(values.size());
+  if (device.is_cpu()) return at::tensor(values, at::kLong);
+  at::Tensor host = at::empty({n}, at::TensorOptions(at::kLong).pinned_memory(true));
+  std::copy(values.begin(), values.end(), host.data_ptr<int64_t>());
+  return host.to(device, /*non_blocking=*/true);
+}
+
+// out [N, H] holds the input projections; step by step, out_t += out_{t-1} W_hh^T (h0 at t = 0),
+// then activate(out_t) in place. h_n receives each row's last state.
+template <typename Activate>
+void gemm_forward(const at::Tensor& out, const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& h_n,
+                  const Layout& l, const Activate& activate) {
+  const at::Tensor w_t = w_hh.t();
+  for (int64_t t = 0; t < l.steps; ++t) {
+    const int64_t active = l.batch_sizes[t];
+    at::Tensor cur = out.narrow(0, l.offsets[t], active);
+    const at::Tensor prev = t == 0 ? h0.narrow(0, 0, active) : out.narrow(0, l.offsets[t - 1], active);
+    cur.addmm_(prev, w_t);
+    activate(cur);
+    // Rows whose sequence ends at this step: their state is final.
+    const int64_t next = t + 1 < l.steps ? l.batch_sizes[t + 1] : 0;
+    if (active > next) h_n.narrow(0, next, active - next).copy_(cur.narrow(0, next, active - next));
+  }
+}
+
+// The reverse recurrence into dz [N, H] (the gradient at the pre-activations), step by step:
+// dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t), with grad_h_n instead of dz_{t+1} for rows that
+// end at t. go / ghn may be undefined (zeros). mul_dact(g, y) does g *= act'(y) in place.
+template <typename MulDact>
+void gemm_backward(const at::Tensor& dz, const at::Tensor& go, const at::Tensor& ghn, const at::Tensor& y,
+                   const at::Tensor& w_hh, const Layout& l, const MulDact& mul_dact) {
+  for (int64_t t = l.steps - 1; t >= 0; --t) {
+    const int64_t active = l.batch_sizes[t];
+    const int64_t carried = t + 1 < l.steps ? l.batch_sizes[t + 1] : 0;
+    at::Tensor dz_t = dz.narrow(0, l.offsets[t], active);
+    if (carried > 0) {
+      at::Tensor head = dz_t.narrow(0, 0, carried);
+      const at::Tensor dz_next = dz.narrow(0, l.offsets[t + 1], carried);
+      if (go.defined())
+        at::addmm_out(head, go.narrow(0, l.offsets[t], carried), dz_next, w_hh);
+      else
+        at::mm_out(head, dz_next, w_hh);
+    }
+    if (active > carried) {
+      const int64_t ending = active - carried;
+      at::Tensor tail = dz_t.narrow(0, carried, ending);
+      if (go.defined() && ghn.defined())
+        at::add_out(tail, go.narrow(0, l.offsets[t] + carried, ending), ghn.narrow(0, carried, ending));
+      else if (go.defined())
+        tail.copy_(go.narrow(0, l.offsets[t] + carried, ending));
+      else if (ghn.defined())
+        tail.copy_(ghn.narrow(0, carried, ending));
+      else
+        tail.zero_();
+    }
+    mul_dact(dz_t, y.narrow(0, l.offsets[t], active));
+  }
+}
+
+// rnn_backward's results from dz [N, H], each one GEMM or reduction over all steps at once:
+// (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b). y [N, H] is the forward's output, ghn the
+// (possibly undefined) gradient of h_n, which is all there is to grad_h0 when T = 0.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_grads(
+    const at::Tensor& dz, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& y, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& ghn, const Layout& l, bool need_grad_x) {
+  const int64_t B = l.batch, H = l.hidden, N = l.rows;
+  const at::Tensor rows = x.reshape({N, l.input});
+  at::Tensor grad_x = need_grad_x ? at::mm(dz, w_ih).view(x.sizes()) : at::empty({0}, x.options());
+  at::Tensor grad_w_ih = at::mm(dz.t(), rows);
+  at::Tensor grad_b = dz.sum(0);
+  if (l.steps == 0)  // h_n is h0 itself
+    return {grad_x, ghn.defined() ? ghn.clone() : at::zeros({B, H}, y.options()), grad_w_ih,
+            at::zeros({H, H}, y.options()), grad_b};
+  // Every row is active at step 0, so dz's first B rows meet h0; later rows meet the previous
+  // step's output of the same batch row, which for packed input is a prefix of that step.
+  const at::Tensor dz0 = dz.narrow(0, 0, B), dz_rest = dz.narrow(0, B, N - B);
+  at::Tensor prev;
+  if (!l.packed) {
+    prev = y.narrow(0, 0, N - B);
+  } else {
+    std::vector<int64_t> source(N - B);
+    for (int64_t t = 1; t < l.steps; ++t)
+      for (int64_t i = 0; i < l.batch_sizes[t]; ++i) source[l.offsets[t] - B + i] = l.offsets[t - 1] + i;
+    prev = y.index_select(0, index_tensor(source, y.device()));
+  }
+  at::Tensor grad_h0 = at::mm(dz0, w_hh);
+  at::Tensor grad_w_hh = at::addmm(at::mm(dz0.t(), h0), dz_rest.t(), prev);
+  return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b};
+}
+
+}  // namespace myrnn_fast

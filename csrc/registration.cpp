@@ -14,6 +14,9 @@
 #include <pybind11/stl.h>
 
 #include "rnn_cpu.h"
+#ifdef MYRNN_WITH_CUDA
+#include "rnn_cuda.h"
+#endif
 
 #include <sstream>
 #include <string>
@@ -111,6 +114,20 @@ PYBIND11_MODULE(_C, m) {
       "rnn_cell's CPU kernel, without dispatch or autograd", pybind11::arg("x"), pybind11::arg("h"),
       pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"),
       pybind11::arg("nonlinearity"));
+#ifdef MYRNN_WITH_CUDA
+  // The same for CUDA tensors: the kernels only enqueue work on the current stream.
+  namespace cuda = myrnn_fast::cuda;
+  m.def("rnn_forward_cuda", &cuda::rnn_forward, "rnn_forward's CUDA kernel, without dispatch or autograd", no_gil,
+        pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
+        pybind11::arg("b_hh"), pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"));
+  m.def("rnn_cell_cuda", &cuda::rnn_cell, "rnn_cell's CUDA kernel, without dispatch or autograd", no_gil,
+        pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
+        pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));
+  m.def("cuda_path", &cuda::cuda_path, "how the CUDA recurrence runs: auto, persistent or gemm");
+  m.def("set_cuda_path", &cuda::set_cuda_path, "force the persistent kernels or the per-step GEMM path (tests)");
+  m.def("cuda_rows_per_block", &cuda::cuda_rows_per_block, "batch rows per persistent block, 0 when chosen");
+  m.def("set_cuda_rows_per_block", &cuda::set_cuda_rows_per_block, "force 1, 2, 4 or 8 rows per block (tests)");
+#endif
   m.def("cpu_isa", &cpu::cpu_isa, "instruction set of the CPU kernels in use");
   m.def("cpu_isas", &cpu::cpu_isas, "instruction sets this CPU and build support");
   m.def("set_cpu_isa", &cpu::set_cpu_isa, "use another supported instruction set (tests, benchmarks)");

@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace myrnn_fast {
@@ -129,6 +130,28 @@ inline std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t hidden) {
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = hidden;
   return sizes;
+}
+
+// rnn_backward's saved output and incoming gradients, checked against the layer. The gradients
+// come back contiguous as [rows, H] and [B, H]; undefined ones (autograd's zeros) stay undefined.
+inline std::pair<at::Tensor, at::Tensor> incoming_grads(const std::optional<at::Tensor>& grad_out,
+                                                        const std::optional<at::Tensor>& grad_h_n,
+                                                        const at::Tensor& x, const at::Tensor& out, const Layout& l) {
+  const auto out_sizes = output_sizes(x, l.hidden);
+  check_same(out, x, "out");
+  check_shape(out, out_sizes, "out");
+  at::Tensor go, ghn;
+  if (grad_out && grad_out->defined()) {
+    check_same(*grad_out, x, "grad_out");
+    check_shape(*grad_out, out_sizes, "grad_out");
+    go = grad_out->reshape({l.rows, l.hidden}).contiguous();
+  }
+  if (grad_h_n && grad_h_n->defined()) {
+    check_same(*grad_h_n, x, "grad_h_n");
+    check_shape(*grad_h_n, {l.batch, l.hidden}, "grad_h_n");
+    ghn = grad_h_n->contiguous();
+  }
+  return {go, ghn};
 }
 
 }  // namespace myrnn_fast

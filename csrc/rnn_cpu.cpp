@@ -103,15 +103,6 @@ void for_elements(int64_t n, const F& fn) {
   at::parallel_for(0, n, 1 << 15, fn);
 }
 
-// float16 / bfloat16 run in float32 (as torch's CPU GEMMs accumulate them) and round once at the
-// end; the kernels are written for float and double.
-bool is_reduced(const at::Tensor& x) { return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16; }
-at::Tensor widen(const at::Tensor& t) { return t.to(at::kFloat); }
-std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
-  if (t && t->defined()) return t->to(at::kFloat);
-  return t;
-}
-
 Steps steps_of(const Layout& l) {
   return {l.steps, l.batch_sizes.data(), l.offsets.data(), l.hidden};
 }
@@ -178,21 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const bool relu = is_relu(nonlinearity);
   const Layout l = layer_layout(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, batch_sizes);
   const int64_t H = l.hidden, B = l.batch, N = l.rows;
-  const auto out_sizes = output_sizes(x, H);
-  check_same(out, x, "out");
-  check_shape(out, out_sizes, "out");
-  // Gradients that autograd left undefined count as zeros; the kernels take null for them.
-  at::Tensor go, ghn;
-  if (grad_out && grad_out->defined()) {
-    check_same(*grad_out, x, "grad_out");
-    check_shape(*grad_out, out_sizes, "grad_out");
-    go = grad_out->reshape({N, H}).contiguous();
-  }
-  if (grad_h_n && grad_h_n->defined()) {
-    check_same(*grad_h_n, x, "grad_h_n");
-    check_shape(*grad_h_n, {B, H}, "grad_h_n");
-    ghn = grad_h_n->contiguous();
-  }
+  const auto [go, ghn] = incoming_grads(grad_out, grad_h_n, x, out, l);
   if (is_reduced(x)) {
     auto grads = rnn_backward(widen(grad_out), widen(grad_h_n), widen(x), widen(h0), widen(w_ih), widen(w_hh),
                               widen(out), batch_sizes, nonlinearity, need_grad_x);

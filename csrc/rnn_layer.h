@@ -13,6 +13,17 @@
 
 namespace myrnn_fast {
 
+// float16 / bfloat16 run in float32 (as torch's GEMMs accumulate them) and round once at the
+// end; the kernels are written for float and double.
+inline bool is_reduced(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+}
+inline at::Tensor widen(const at::Tensor& t) { return t.to(at::kFloat); }
+inline std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
+  if (t && t->defined()) return t->to(at::kFloat);
+  return t;
+}
+
 // A host vector of indices as an int64 tensor on `device`. To a GPU it goes from pinned memory
 // without blocking: the op must not synchronize the host with the stream.
 inline at::Tensor index_tensor(const std::vector<int64_t>& values, const at::Device& device) {

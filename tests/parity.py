@@ -38,7 +38,7 @@ def _loss(outputs):
     total = 0
     for i, out in enumerate(outputs):
         out = _data(out)
-        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
         total = total + ((out + 0.1 * i) ** 2 * weights).sum()
     return total
 

@@ -1,10 +1,12 @@
 """``cpp``: the extension's fused ops, one call per layer forward and one per layer backward.
 
-Where a time step happens: ``csrc/rnn_cpu_kernels.cpp`` (``forward`` / ``backward``, register-tiled
-for small hidden sizes) or, for large ones, the per-step BLAS loop of ``csrc/rnn_cpu.cpp``. The ops
-and their autograd are declared in :mod:`myrnn_fast.ops`. The kernels cover float32 and float64
-(float16 and bfloat16 computed in float32); complex RNNs, which torch.nn also accepts, run through
-the torch backend's vectorized loop instead.
+Where a time step happens: on the CPU, ``csrc/rnn_cpu_kernels.cpp`` (``forward`` / ``backward``,
+register-tiled for small hidden sizes) or, for large ones, the per-step BLAS loop of
+``csrc/rnn_layer.h``; on CUDA (when the extension was built with it), the persistent kernels of
+``csrc/rnn_cuda_kernels.cu`` (one launch per sequence, W_hh in shared memory) or the same per-step
+loop on cuBLAS. The ops and their autograd are declared in :mod:`myrnn_fast.ops`. The kernels cover
+float32 and float64 (float16 and bfloat16 computed in float32); complex RNNs, which torch.nn also
+accepts, run through the torch backend's vectorized loop instead.
 """
 
 from __future__ import annotations
@@ -14,13 +16,20 @@ from torch import Tensor
 
 from . import _torch
 
-DEVICE_TYPES = ("cpu",)
-
 try:
     from .. import _C, ops
 except ImportError as exc:  # the extension was not built or does not load
     ops = None
     _import_error = str(exc)
+    DEVICE_TYPES = ("cpu",)
+else:
+    # The ops' kernels without the dispatcher, by device type, for eager calls (see layer()).
+    _FORWARD = {"cpu": _C.rnn_forward_cpu}
+    _CELL = {"cpu": _C.rnn_cell_cpu}
+    if hasattr(_C, "rnn_forward_cuda"):  # built with CUDA kernels
+        _FORWARD["cuda"] = _C.rnn_forward_cuda
+        _CELL["cuda"] = _C.rnn_cell_cuda
+    DEVICE_TYPES = tuple(_FORWARD)
 
 
 def unavailable_reason() -> str | None:
@@ -45,11 +54,13 @@ def layer(
     if isinstance(x, Tensor) and x.is_complex():
         return _torch.layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
     if type(x) is Tensor and not torch.compiler.is_compiling():  # subclasses (fake, functorch) dispatch
-        if not torch.is_grad_enabled():
+        forward = _FORWARD.get(x.device.type)
+        if forward is not None and not torch.is_grad_enabled():
             # No graph to record: the kernel without the dispatcher and register_autograd's
             # Python layer (some 5 us, which is what a short sequence costs in all).
-            return _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
-        return _EagerLayer.apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
+            return forward(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
+        if forward is not None:
+            return _EagerLayer.apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
     return ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
 
 
@@ -61,7 +72,7 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity):
-        out, h_n = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
+        out, h_n = _FORWARD[x.device.type](x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity)
         ops.save_layer_context(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity), out)
         return out, h_n
 
@@ -81,6 +92,7 @@ def cell_step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
     Python autograd layer, which together cost more than a small step itself. It validates its
     arguments like the op (and refuses complex ones). Tensor subclasses (fake tensors, functorch
     wrappers) go through the op, whose dispatcher knows them."""
-    if type(x) is not Tensor or type(h) is not Tensor:
+    step = _CELL.get(x.device.type) if type(x) is Tensor and type(h) is Tensor else None
+    if step is None:
         return ops.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-    return _C.rnn_cell_cpu(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    return step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)

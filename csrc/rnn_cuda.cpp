@@ -1,0 +1,206 @@
+// CUDA implementations of the myrnn_fast ops: rnn_forward, rnn_backward, rnn_cell.
+//
+// The input projection of every step is one cuBLAS GEMM, and so are the weight gradients after
+// the reverse recurrence (rnn_layer.h, shared with the CPU). The recurrence takes one of two paths:
+//  - the persistent kernels of rnn_cuda_kernels.cu: one launch for the whole sequence, W_hh in
+//    each block's shared memory, used when it fits and the batch runs in one wave;
+//  - otherwise one cuBLAS GEMM per step, then a fused elementwise kernel.
+// Everything runs on the current stream of the input's device, with no host synchronization:
+// packed layouts reach the GPU through pinned memory without blocking.
+
+#include "rnn_cuda.h"
+
+#include "rnn_checks.h"
+#include "rnn_cuda_kernels.h"
+#include "rnn_layer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace myrnn_fast::cuda {
+
+namespace {
+
+std::string& path_choice() {
+  static std::string path = "auto";
+  return path;
+}
+
+int& rows_choice() {
+  static int rows = 0;
+  return rows;
+}
+
+// A Plan that runs the persistent kernels, or none for the per-step GEMM path.
+template <typename T>
+Plan choose_plan(const Layout& l, bool backward) {
+  const std::string& path = path_choice();
+  if (path == "gemm") return {};
+  const Plan plan = persistent_plan<T>(l.batch, l.hidden, backward, rows_choice());
+  TORCH_CHECK(plan.fits || path != "persistent", "myrnn_fast: the persistent CUDA kernel cannot run hidden size ",
+              l.hidden, " with batch ", l.batch, " on this device (set_cuda_path('auto') chooses for you)");
+  return plan;
+}
+
+// The kernels' view of a layout; `packed` keeps the device copy of a packed layout alive.
+Sequence sequence_of(const Layout& l, at::Tensor& packed, const at::Device& device) {
+  Sequence s;
+  s.steps = l.steps;
+  s.batch = l.batch;
+  s.hidden = l.hidden;
+  if (l.packed) {
+    std::vector<int64_t> steps(l.offsets);
+    steps.insert(steps.end(), l.batch_sizes.begin(), l.batch_sizes.end());
+    packed = index_tensor(steps, device);
+    s.packed = packed.const_data_ptr<int64_t>();
+  }
+  return s;
+}
+
+void check_cuda(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), "myrnn_fast: ", op, "'s CUDA kernel got a tensor on ", x.device());
+}
+
+}  // namespace
+
+// ---- forward --------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                               const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                               const std::optional<at::Tensor>& b_hh,
+                                               const std::optional<at::Tensor>& batch_sizes,
+                                               c10::string_view nonlinearity) {
+  const bool relu = is_relu(nonlinearity);
+  const Layout l = layer_layout(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes);
+  check_cuda(x, "rnn_forward");
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (is_reduced(x)) {
+    auto [out, h_n] = rnn_forward(widen(x), widen(h0), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh),
+                                  batch_sizes, nonlinearity);
+    return {out.to(x.scalar_type()), h_n.to(x.scalar_type())};
+  }
+  const int64_t H = l.hidden;
+  const at::Tensor rows = x.reshape({l.rows, l.input});
+  // The input projection of every step at once; the recurrence then updates it in place.
+  const at::Tensor out = (b_ih ? at::addmm(*b_ih + *b_hh, rows, w_ih.t()) : at::mm(rows, w_ih.t())).contiguous();
+  const at::Tensor h = h0.contiguous();
+  const at::Tensor h_n = at::empty_like(h);
+  if (l.steps == 0) h_n.copy_(h);
+  if (l.steps > 0 && l.batch > 0 && H > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_forward_cuda", [&] {
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+      const Plan plan = choose_plan<scalar_t>(l, /*backward=*/false);
+      if (plan.fits) {
+        const at::Tensor w_hh_t = w_hh.t().contiguous();
+        at::Tensor packed;
+        const Sequence s = sequence_of(l, packed, x.device());
+        C10_CUDA_CHECK(persistent_forward<scalar_t>(plan, s, out.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+                                                    w_hh_t.const_data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), relu,
+                                                    stream));
+        return;
+      }
+      gemm_forward(out, h, w_hh, h_n, l, [&](const at::Tensor& cur) {
+        C10_CUDA_CHECK(activate<scalar_t>(cur.data_ptr<scalar_t>(), cur.numel(), relu, stream));
+      });
+    });
+  }
+  return {out.view(output_sizes(x, H)), h_n};
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward(
+    const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_h_n, const at::Tensor& x,
+    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& out,
+    const std::optional<at::Tensor>& batch_sizes, c10::string_view nonlinearity, bool need_grad_x) {
+  const bool relu = is_relu(nonlinearity);
+  const Layout l = layer_layout(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, batch_sizes);
+  check_cuda(x, "rnn_backward");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto [go, ghn] = incoming_grads(grad_out, grad_h_n, x, out, l);
+  if (is_reduced(x)) {
+    auto grads = rnn_backward(widen(grad_out), widen(grad_h_n), widen(x), widen(h0), widen(w_ih), widen(w_hh),
+                              widen(out), batch_sizes, nonlinearity, need_grad_x);
+    const auto back = [&](const at::Tensor& g) { return g.to(x.scalar_type()); };
+    return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads)), back(std::get<3>(grads)),
+            back(std::get<4>(grads))};
+  }
+  const int64_t H = l.hidden, N = l.rows;
+  const at::Tensor y = out.reshape({N, H}).contiguous();
+  const at::Tensor w = w_hh.contiguous();
+  const at::Tensor dz = at::empty({N, H}, y.options());
+  if (N > 0 && H > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_backward_cuda", [&] {
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+      const Plan plan = choose_plan<scalar_t>(l, /*backward=*/true);
+      if (plan.fits) {
+        at::Tensor packed;
+        const Sequence s = sequence_of(l, packed, x.device());
+        C10_CUDA_CHECK(persistent_backward<scalar_t>(
+            plan, s, dz.data_ptr<scalar_t>(), go.defined() ? go.const_data_ptr<scalar_t>() : nullptr,
+            ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr, y.const_data_ptr<scalar_t>(),
+            w.const_data_ptr<scalar_t>(), relu, stream));
+        return;
+      }
+      gemm_backward(dz, go, ghn, y, w, l, [&](const at::Tensor& g_t, const at::Tensor& y_t) {
+        C10_CUDA_CHECK(mul_dact<scalar_t>(g_t.data_ptr<scalar_t>(), y_t.const_data_ptr<scalar_t>(), g_t.numel(), relu,
+                                          stream));
+      });
+    });
+  }
+  return layer_grads(dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
+}
+
+// ---- one RNNCell step -----------------------------------------------------------------------
+
+at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                    c10::string_view nonlinearity) {
+  const bool relu = is_relu(nonlinearity);
+  cell_shape(x, h, w_ih, w_hh, b_ih, b_hh);
+  check_cuda(x, "rnn_cell");
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (is_reduced(x))
+    return rnn_cell(widen(x), widen(h), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh), nonlinearity)
+        .to(x.scalar_type());
+  // Two cuBLAS calls and one elementwise kernel: a step has no sequence to keep on chip.
+  at::Tensor y = (b_ih ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t())).contiguous();
+  y.addmm_(h, w_hh.t());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_cell_cuda", [&] {
+    C10_CUDA_CHECK(activate<scalar_t>(y.data_ptr<scalar_t>(), y.numel(), relu, c10::cuda::getCurrentCUDAStream()));
+  });
+  return y;
+}
+
+// ---- knobs for tests and benchmarks ----------------------------------------------------------
+
+std::string cuda_path() { return path_choice(); }
+
+void set_cuda_path(const std::string& path) {
+  TORCH_CHECK_VALUE(path == "auto" || path == "persistent" || path == "gemm", "myrnn_fast: unknown CUDA path '",
+                    path, "'; choose auto, persistent or gemm");
+  path_choice() = path;
+}
+
+int cuda_rows_per_block() { return rows_choice(); }
+
+void set_cuda_rows_per_block(int rows) {
+  TORCH_CHECK_VALUE(rows == 0 || rows == 1 || rows == 2 || rows == 4 || rows == 8,
+                    "myrnn_fast: rows per block must be 1, 2, 4 or 8 (0 chooses), got ", rows);
+  rows_choice() = rows;
+}
+
+}  // namespace myrnn_fast::cuda
+
+TORCH_LIBRARY_IMPL(myrnn_fast, CUDA, m) {
+  m.impl("rnn_forward", &myrnn_fast::cuda::rnn_forward);
+  m.impl("rnn_backward", &myrnn_fast::cuda::rnn_backward);
+  m.impl("rnn_cell", &myrnn_fast::cuda::rnn_cell);
+}

@@ -1,0 +1,235 @@
+// The bodies of the persistent CUDA kernels (rnn_cuda_kernels.cu wraps them in __global__
+// functions). They are written against a small `Block` interface (this thread's index, the
+// block's index and size, a barrier) instead of threadIdx / __syncthreads, so that the same code
+// also runs on the CPU under tests/cuda_sim/, one std::thread per CUDA thread and std::barrier as
+// __syncthreads: the indexing, the packed-sequence bookkeeping and the barrier placement are
+// tested on every machine, not only where a GPU is.
+//
+// The algorithm. cuDNN's persistent RNN spreads W_hh over the whole GPU and pays a grid-wide
+// barrier every step. Here each block holds all of W_hh in shared memory and runs the whole
+// sequence for its own R batch rows; rows never interact, so the only synchronization left is one
+// block barrier per step. Thread j owns hidden unit j of the block's rows: per step it reads
+// column j of the matrix (consecutive threads, consecutive words: no bank conflicts), the rows'
+// previous states as broadcasts, and keeps four partial sums per row so the multiply-adds do not
+// wait on each other. The step's input projection (one GEMM for all steps, done by the caller)
+// is loaded before the dot product and added after, so its latency hides behind the arithmetic.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define MYRNN_DEVICE __device__ __forceinline__
+#define MYRNN_HOST_DEVICE __host__ __device__
+#define MYRNN_UNROLL _Pragma("unroll")
+#define MYRNN_UNROLL_2 _Pragma("unroll 2")
+#else
+#include <cmath>
+#define MYRNN_DEVICE inline
+#define MYRNN_HOST_DEVICE
+#define MYRNN_UNROLL
+#define MYRNN_UNROLL_2
+#endif
+
+namespace myrnn_fast::cuda {
+
+// A layer's sequence as the kernels see it: `steps` steps of up to `batch` rows; every buffer is
+// [rows, hidden] with row stride `hidden`. Dense input has `batch` rows at every step, step t
+// from row t * batch on, and `packed` null. Packed input: `packed` is a device array holding the
+// row offset of each step, then each step's (non-increasing) number of rows.
+struct Sequence {
+  int64_t steps = 0, batch = 0, hidden = 0;
+  const int64_t* packed = nullptr;
+};
+
+namespace device {
+
+MYRNN_HOST_DEVICE constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Shared memory of a persistent block: the [K][H] matrix (K = H rounded up to 4, rows k >= H zero)
+// and two [R][K] state buffers (read one step, written the next; entries k >= H stay zero).
+template <typename T>
+MYRNN_HOST_DEVICE constexpr size_t shared_bytes(int64_t hidden, int rows) {
+  return static_cast<size_t>(round_up(hidden, 4) * hidden + 2 * rows * round_up(hidden, 4)) * sizeof(T);
+}
+
+// Same conventions as the CPU kernels: relu keeps NaN (and -0), its derivative is 0 at y <= 0.
+template <typename T>
+MYRNN_DEVICE T activation(T z, bool relu) {
+  if (relu) return z < T(0) ? T(0) : z;
+#if defined(__CUDACC__)
+  if constexpr (std::is_same_v<T, float>)
+    return tanhf(z);
+  else
+    return tanh(z);
+#else
+  return std::tanh(z);
+#endif
+}
+
+template <typename T>
+MYRNN_DEVICE T derivative(T y, bool relu) {
+  if (relu) return y <= T(0) ? T(0) : T(1);
+  return T(1) - y * y;
+}
+
+template <typename T>
+MYRNN_DEVICE T multiply_add(T a, T b, T c) {
+#if defined(__CUDACC__)
+  return fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// Four consecutive values from 16-byte-aligned shared memory, as one or two vector loads.
+template <typename T>
+MYRNN_DEVICE void load4(const T* p, T (&v)[4]) {
+#if defined(__CUDACC__)
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    return;
+  } else {
+    const double2 a = *reinterpret_cast<const double2*>(p), b = *reinterpret_cast<const double2*>(p + 2);
+    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+    return;
+  }
+#else
+  for (int q = 0; q < 4; ++q) v[q] = p[q];
+#endif
+}
+
+struct Step {
+  int64_t offset, active, next;  // first packed row, rows now, rows at the step after (0 after the last)
+};
+
+MYRNN_DEVICE Step step_at(const Sequence& s, int64_t t) {
+  if (!s.packed) return {t * s.batch, s.batch, t + 1 < s.steps ? s.batch : 0};
+  const int64_t* sizes = s.packed + s.steps;
+  return {s.packed[t], sizes[t], t + 1 < s.steps ? sizes[t + 1] : 0};
+}
+
+// The matrix into shared memory as [K][H] (zero rows k >= H) and both state buffers zeroed.
+template <typename T, int R, typename Block>
+MYRNN_DEVICE void load_shared(const Block& b, T* w, T* state, const T* matrix, int64_t H, int64_t K) {
+  for (int64_t i = b.thread(); i < K * H; i += b.size()) w[i] = i < H * H ? matrix[i] : T(0);
+  for (int64_t i = b.thread(); i < 2 * R * K; i += b.size()) state[i] = T(0);
+}
+
+// out[r] = sum_k state[r][k] * w[k][j]: four partial sums per row, added at the end.
+template <typename T, int R>
+MYRNN_DEVICE void dot_column(const T* __restrict__ w, const T* __restrict__ state, int64_t H, int64_t K, int j,
+                             T (&out)[R]) {
+  T acc[R][4];
+MYRNN_UNROLL
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = T(0);
+MYRNN_UNROLL_2
+  for (int64_t k = 0; k < K; k += 4) {
+    T wk[4];
+MYRNN_UNROLL
+    for (int q = 0; q < 4; ++q) wk[q] = w[(k + q) * H + j];
+MYRNN_UNROLL
+    for (int r = 0; r < R; ++r) {
+      T hv[4];
+      load4(state + r * K + k, hv);
+MYRNN_UNROLL
+      for (int q = 0; q < 4; ++q) acc[r][q] = multiply_add(hv[q], wk[q], acc[r][q]);
+    }
+  }
+MYRNN_UNROLL
+  for (int r = 0; r < R; ++r) out[r] = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
+}
+
+// The forward recurrence of rows [R * block, R * block + R). `out` holds x W_ih^T + b on entry and
+// h_t on exit; w_hh_t is W_hh transposed ([k][j] = W_hh[j][k]). Writes each row's last state to h_n.
+template <typename T, int R, typename Block>
+MYRNN_DEVICE void forward(const Block& b, T* shared, const Sequence& s, T* __restrict__ out, const T* __restrict__ h0,
+                          const T* __restrict__ w_hh_t, T* __restrict__ h_n, bool relu) {
+  const int64_t H = s.hidden, K = round_up(H, 4);
+  T* w = shared;
+  T* state = w + K * H;
+  const int j = b.thread();
+  const int64_t row0 = b.index() * int64_t{R};
+  load_shared<T, R>(b, w, state, w_hh_t, H, K);
+  b.sync();  // the zero fill of `state` before h0 lands in it
+  if (j < H)
+    for (int r = 0; r < R; ++r)
+      if (row0 + r < s.batch) state[r * K + j] = h0[(row0 + r) * H + j];
+  b.sync();
+
+  int current = 0;
+  for (int64_t t = 0; t < s.steps; ++t) {
+    const Step step = step_at(s, t);
+    if (row0 >= step.active) break;  // the same for the whole block; sizes never grow again
+    const T* h = state + current * R * K;
+    T* h_next = state + (current ^ 1) * R * K;
+    if (j < H) {
+      T pre[R], dot[R];
+MYRNN_UNROLL
+      for (int r = 0; r < R; ++r) pre[r] = row0 + r < step.active ? out[(step.offset + row0 + r) * H + j] : T(0);
+      dot_column<T, R>(w, h, H, K, j, dot);
+MYRNN_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = row0 + r;
+        if (row >= step.active) continue;
+        const T y = activation(pre[r] + dot[r], relu);
+        out[(step.offset + row) * H + j] = y;
+        h_next[r * K + j] = y;
+        if (row >= step.next) h_n[row * H + j] = y;  // this row's sequence ends here
+      }
+    }
+    b.sync();  // h_next complete before anyone reads it; h no longer read before it is rewritten
+    current ^= 1;
+  }
+}
+
+// The reverse recurrence of the same rows: dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t), where a
+// row's last step takes grad_h_n instead of the product. Null grads count as zeros.
+template <typename T, int R, typename Block>
+MYRNN_DEVICE void backward(const Block& b, T* shared, const Sequence& s, T* __restrict__ dz,
+                           const T* __restrict__ grad_out, const T* __restrict__ grad_h_n, const T* __restrict__ y,
+                           const T* __restrict__ w_hh, bool relu) {
+  const int64_t H = s.hidden, K = round_up(H, 4);
+  T* w = shared;
+  T* state = w + K * H;  // dz_{t+1} of the block's rows, then dz_t
+  const int j = b.thread();
+  const int64_t row0 = b.index() * int64_t{R};
+  load_shared<T, R>(b, w, state, w_hh, H, K);
+  b.sync();
+
+  int current = 0;
+  for (int64_t t = s.steps - 1; t >= 0; --t) {
+    const Step step = step_at(s, t);
+    if (row0 >= step.active) continue;  // the same for the whole block: its rows start later
+    const T* dz_next = state + current * R * K;
+    T* dz_now = state + (current ^ 1) * R * K;
+    if (j < H) {
+      T g[R], y_t[R], dot[R];
+MYRNN_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = row0 + r, at = (step.offset + row) * H + j;
+        const bool active = row < step.active;
+        g[r] = active && grad_out ? grad_out[at] : T(0);
+        if (active && row >= step.next && grad_h_n) g[r] += grad_h_n[row * H + j];
+        y_t[r] = active ? y[at] : T(0);
+      }
+      dot_column<T, R>(w, dz_next, H, K, j, dot);
+MYRNN_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = row0 + r;
+        if (row >= step.active) continue;
+        // Rows that go on to step t+1 get dz_{t+1} W_hh; the others start here from grad_h_n.
+        const T d = (row < step.next ? g[r] + dot[r] : g[r]) * derivative(y_t[r], relu);
+        dz[(step.offset + row) * H + j] = d;
+        dz_now[r * K + j] = d;
+      }
+    }
+    b.sync();
+    current ^= 1;
+  }
+}
+
+}  // namespace device
+}  // namespace myrnn_fast::cuda

@@ -1,0 +1,49 @@
+// The CUDA recurrence kernels (rnn_cuda_kernels.cu). Plain CUDA over raw row-major buffers, no
+// torch headers: shapes, dtypes, allocation, GEMMs, streams and the device guard belong to
+// rnn_cuda.cpp, which validates everything before a pointer reaches here. Every launcher runs on
+// the stream it is given and returns the launch's error instead of throwing.
+#pragma once
+
+#include "rnn_cuda_device.cuh"  // Sequence
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace myrnn_fast::cuda {
+
+// How the persistent kernels would run a layer on the current device: each thread block keeps
+// W_hh in shared memory and `rows_per_block` batch rows' state for the whole sequence, one
+// launch per sequence. Batch rows never interact, so blocks never wait for each other: no grid
+// barrier, and a grid larger than the GPU is still correct (only slower), which is why `fits`
+// also asks that the grid runs in one wave.
+struct Plan {
+  bool fits = false;
+  int rows_per_block = 0, threads = 0, blocks = 0;
+  size_t shared_bytes = 0;
+};
+
+// rows_per_block 1, 2, 4 or 8 forces that many (tests); 0 chooses.
+template <typename T>
+Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block = 0);
+
+// out holds x W_ih^T + b on entry and h_t on exit; w_hh_t is W_hh transposed ([k][j] = W_hh[j][k]).
+// Writes each row's last state to h_n.
+template <typename T>
+cudaError_t persistent_forward(const Plan& plan, const Sequence& s, T* out, const T* h0, const T* w_hh_t, T* h_n,
+                               bool relu, cudaStream_t stream);
+
+// dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t), where a row's last step takes grad_h_n instead of
+// the product. Null grads count as zeros.
+template <typename T>
+cudaError_t persistent_backward(const Plan& plan, const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n,
+                                const T* y, const T* w_hh, bool relu, cudaStream_t stream);
+
+// The elementwise pieces of the per-step GEMM path: y = act(y), and g *= act'(y) given y = act(z).
+template <typename T>
+cudaError_t activate(T* y, int64_t n, bool relu, cudaStream_t stream);
+template <typename T>
+cudaError_t mul_dact(T* g, const T* y, int64_t n, bool relu, cudaStream_t stream);
+
+}  // namespace myrnn_fast::cuda

@@ -4,7 +4,9 @@
 # included) and the quick benchmark on CUDA (cuDNN baseline) and on the CPU.
 # Everything lands in $OUT (default: ./gpu-check). Offline machines: WHEELS=DIR installs the
 # test-only dependencies (hypothesis) from a directory of wheels first. TESTS="tests/test_a.py
-# tests/test_b.py -k cuda" runs part of the suite; TEST_SECONDS and BENCH_SECONDS bound each stage.
+# tests/test_b.py -k cuda" replaces the default test selection (the CUDA suite and the CUDA cases
+# elsewhere); CUDA_SHAPES="T,B,I,H ..." the GPU preset's shapes; TEST_SECONDS and BENCH_SECONDS
+# bound each stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
@@ -25,14 +27,16 @@ myrnn-fast info > "$OUT/info.txt" 2>&1
 
 step tests
 # TESTS narrows the run (the whole suite took over 10 minutes on a 16-core H100 host).
-timeout "${TEST_SECONDS:-300}" "$PY" -m pytest -q -p no:cacheprovider ${TESTS:-tests} > "$OUT/pytest.log" 2>&1
+# Default: the CUDA suite, the CUDA cases of the shared error tests, and what reports the build.
+timeout "${TEST_SECONDS:-300}" "$PY" -m pytest -q -p no:cacheprovider -rfE \
+  ${TESTS:-tests/test_cuda.py tests/test_odd_inputs.py tests/test_extension.py tests/test_cli.py} > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/steps.txt"
 tail -15 "$OUT/pytest.log"
 
 # CUDA: the shapes the GPU goals are set on (the article's, cuDNN's persistent-kernel case, fastrnns').
 step "bench cuda"
-timeout "${BENCH_SECONDS:-150}" myrnn-fast bench --device cuda --out "$OUT/bench-cuda" \
-  --shapes ${CUDA_SHAPES:-176,25,1,32 1406,34,120,120 100,64,512,512} > "$OUT/bench-cuda.log" 2>&1
+timeout "${BENCH_SECONDS:-150}" myrnn-fast bench --device cuda --preset gpu --backends torch,cpp --out "$OUT/bench-cuda" \
+  ${CUDA_SHAPES:+--shapes $CUDA_SHAPES} > "$OUT/bench-cuda.log" 2>&1
 echo "bench cuda exit $?" | tee -a "$OUT/steps.txt"
 step "bench cpu"
 timeout "${BENCH_SECONDS:-150}" myrnn-fast bench --preset quick --device cpu --out "$OUT/bench-cpu" \

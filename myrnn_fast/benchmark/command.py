@@ -53,7 +53,8 @@ def _seconds(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=list(workloads.PRESETS), default="quick",
-                        help="quick: small and medium shapes, about a minute; full: small to large, several minutes")
+                        help="quick: small and medium shapes, about a minute; full: small to large, several minutes; "
+                             "gpu: the shapes of the GPU goals (use with --device cuda)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the tensors live (cuda: the baseline is cuDNN's RNN)")
     parser.add_argument("--backends", type=_backend_list, metavar="A,B",

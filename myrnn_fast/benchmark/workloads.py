@@ -19,7 +19,9 @@ from ..modules import RNN, RNNCell
 ARTICLE = (176, 25, 1, 32)  # the article's noisy sine: sequence 176, batch 25, hidden 32
 STREAMING = (512, 1, 64, 64)  # one long stream, one row: latency-bound
 FASTRNNS = (100, 64, 512, 512)  # PyTorch's benchmarks/fastrnns default
-NAMES = {ARTICLE: "article", STREAMING: "streaming", FASTRNNS: "fastrnns default"}
+CUDNN_PERSISTENT = (1406, 34, 120, 120)  # where cuDNN's persistent kernel shines (PyTorch PR 62143)
+NAMES = {ARTICLE: "article", STREAMING: "streaming", FASTRNNS: "fastrnns default",
+         CUDNN_PERSISTENT: "cuDNN persistent"}
 
 PRESETS = {
     # About a minute on a 2-core machine: small and medium shapes, short time budget per group.
@@ -40,6 +42,12 @@ PRESETS = {
             (100, 64, 1024, 1024),
         ],
         "budget_s": 4.0,
+        "min_rounds": 7,
+    },
+    # For --device cuda: the shapes the GPU goals are set on, against cuDNN, and the sizes between.
+    "gpu": {
+        "shapes": [ARTICLE, STREAMING, CUDNN_PERSISTENT, (100, 64, 128, 128), (100, 64, 256, 256), FASTRNNS],
+        "budget_s": 2.0,
         "min_rounds": 7,
     },
 }

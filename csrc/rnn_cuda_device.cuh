@@ -118,6 +118,16 @@ MYRNN_DEVICE void load_shared(const Block& b, T* w, T* state, const T* matrix, i
   for (int64_t i = b.thread(); i < 2 * R * K; i += b.size()) state[i] = T(0);
 }
 
+// v[r] = buffer[row0 + r][j] at `step` for the block's rows active there, zero for the others and
+// for a null buffer (an absent gradient).
+template <typename T, int R>
+MYRNN_DEVICE void load_rows(const T* __restrict__ buffer, const Step& step, int64_t row0, int64_t H, int j,
+                            T (&v)[R]) {
+MYRNN_UNROLL
+  for (int r = 0; r < R; ++r)
+    v[r] = buffer && row0 + r < step.active ? buffer[(step.offset + row0 + r) * H + j] : T(0);
+}
+
 // out[r] = sum_k state[r][k] * w[k][j]: four partial sums per row, added at the end.
 template <typename T, int R>
 MYRNN_DEVICE void dot_column(const T* __restrict__ w, const T* __restrict__ state, int64_t H, int64_t K, int j,
@@ -159,16 +169,19 @@ MYRNN_DEVICE void forward(const Block& b, T* shared, const Sequence& s, T* __res
       if (row0 + r < s.batch) state[r * K + j] = h0[(row0 + r) * H + j];
   b.sync();
 
+  // The step's input projection is read one step ahead, so its global-memory latency overlaps
+  // the previous step's barrier and dot product instead of adding to the step.
+  T pre[R];
+  Step step = s.steps > 0 ? step_at(s, 0) : Step{0, 0, 0};
+  if (j < H) load_rows<T, R>(out, step, row0, H, j, pre);
   int current = 0;
   for (int64_t t = 0; t < s.steps; ++t) {
-    const Step step = step_at(s, t);
     if (row0 >= step.active) break;  // the same for the whole block; sizes never grow again
     const T* h = state + current * R * K;
     T* h_next = state + (current ^ 1) * R * K;
+    const Step following = t + 1 < s.steps ? step_at(s, t + 1) : Step{0, 0, 0};
     if (j < H) {
-      T pre[R], dot[R];
-MYRNN_UNROLL
-      for (int r = 0; r < R; ++r) pre[r] = row0 + r < step.active ? out[(step.offset + row0 + r) * H + j] : T(0);
+      T dot[R];
       dot_column<T, R>(w, h, H, K, j, dot);
 MYRNN_UNROLL
       for (int r = 0; r < R; ++r) {
@@ -179,9 +192,11 @@ MYRNN_UNROLL
         h_next[r * K + j] = y;
         if (row >= step.next) h_n[row * H + j] = y;  // this row's sequence ends here
       }
+      load_rows<T, R>(out, following, row0, H, j, pre);
     }
     b.sync();  // h_next complete before anyone reads it; h no longer read before it is rewritten
     current ^= 1;
+    step = following;
   }
 }
 
@@ -199,35 +214,41 @@ MYRNN_DEVICE void backward(const Block& b, T* shared, const Sequence& s, T* __re
   load_shared<T, R>(b, w, state, w_hh, H, K);
   b.sync();
 
+  // grad_out and y of a step are read one step ahead (in reverse), like the forward's projection.
+  T go[R], y_t[R];
+  Step step = s.steps > 0 ? step_at(s, s.steps - 1) : Step{0, 0, 0};
+  if (j < H) {
+    load_rows<T, R>(grad_out, step, row0, H, j, go);
+    load_rows<T, R>(y, step, row0, H, j, y_t);
+  }
   int current = 0;
   for (int64_t t = s.steps - 1; t >= 0; --t) {
-    const Step step = step_at(s, t);
-    if (row0 >= step.active) continue;  // the same for the whole block: its rows start later
-    const T* dz_next = state + current * R * K;
-    T* dz_now = state + (current ^ 1) * R * K;
-    if (j < H) {
-      T g[R], y_t[R], dot[R];
+    const Step preceding = t > 0 ? step_at(s, t - 1) : Step{0, 0, 0};
+    if (row0 < step.active) {  // the same for the whole block; its rows may start later
+      const T* dz_next = state + current * R * K;
+      T* dz_now = state + (current ^ 1) * R * K;
+      if (j < H) {
+        T dot[R];
+        dot_column<T, R>(w, dz_next, H, K, j, dot);
 MYRNN_UNROLL
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = row0 + r, at = (step.offset + row) * H + j;
-        const bool active = row < step.active;
-        g[r] = active && grad_out ? grad_out[at] : T(0);
-        if (active && row >= step.next && grad_h_n) g[r] += grad_h_n[row * H + j];
-        y_t[r] = active ? y[at] : T(0);
+        for (int r = 0; r < R; ++r) {
+          const int64_t row = row0 + r;
+          if (row >= step.active) continue;
+          // Rows that go on to step t+1 get dz_{t+1} W_hh; the others start here from grad_h_n.
+          const T carried = row < step.next ? dot[r] : grad_h_n ? grad_h_n[row * H + j] : T(0);
+          const T d = (go[r] + carried) * derivative(y_t[r], relu);
+          dz[(step.offset + row) * H + j] = d;
+          dz_now[r * K + j] = d;
+        }
       }
-      dot_column<T, R>(w, dz_next, H, K, j, dot);
-MYRNN_UNROLL
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = row0 + r;
-        if (row >= step.active) continue;
-        // Rows that go on to step t+1 get dz_{t+1} W_hh; the others start here from grad_h_n.
-        const T d = (row < step.next ? g[r] + dot[r] : g[r]) * derivative(y_t[r], relu);
-        dz[(step.offset + row) * H + j] = d;
-        dz_now[r * K + j] = d;
-      }
+      b.sync();
+      current ^= 1;
     }
-    b.sync();
-    current ^= 1;
+    if (j < H) {
+      load_rows<T, R>(grad_out, preceding, row0, H, j, go);
+      load_rows<T, R>(y, preceding, row0, H, j, y_t);
+    }
+    step = preceding;
   }
 }
 

@@ -17,10 +17,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -28,25 +30,31 @@ namespace myrnn_fast::cuda {
 
 namespace {
 
-std::string& path_choice() {
-  static std::string path = "auto";
-  return path;
-}
-
-int& rows_choice() {
-  static int rows = 0;
-  return rows;
-}
+// The knobs are read by calls that run without the GIL, hence atomics.
+enum class Path : int { kAuto, kPersistent, kGemm };
+std::atomic<Path> path_choice{Path::kAuto};
+std::atomic<int> rows_choice{0};
 
 // A Plan that runs the persistent kernels, or none for the per-step GEMM path.
 template <typename T>
 Plan choose_plan(const Layout& l, bool backward) {
-  const std::string& path = path_choice();
-  if (path == "gemm") return {};
-  const Plan plan = persistent_plan<T>(l.batch, l.hidden, backward, rows_choice());
-  TORCH_CHECK(plan.fits || path != "persistent", "myrnn_fast: the persistent CUDA kernel cannot run hidden size ",
-              l.hidden, " with batch ", l.batch, " on this device (set_cuda_path('auto') chooses for you)");
+  const Path path = path_choice.load();
+  if (path == Path::kGemm) return {};
+  // Forced, the persistent kernels also take a batch that needs more than one wave of blocks.
+  const bool forced = path == Path::kPersistent;
+  const Plan plan = persistent_plan<T>(l.batch, l.hidden, backward, rows_choice.load(), /*any_waves=*/forced);
+  TORCH_CHECK(plan.fits || !forced, "myrnn_fast: hidden size ", l.hidden, " in ", c10::toString(c10::CppTypeToScalarType<T>::value),
+              " does not fit one block's shared memory on this device, so the persistent CUDA kernels cannot run it "
+              "(set_cuda_path('auto') chooses for you)");
   return plan;
+}
+
+// A packed layout reaches the GPU through pinned host memory that is reused once the copy is
+// done: a CUDA graph would replay the copy from memory that holds something else by then.
+void refuse_packed_capture(const Layout& l) {
+  TORCH_CHECK(!l.packed || c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "myrnn_fast: packed sequences cannot be captured in a CUDA graph (their step table is copied from "
+              "host memory on every call); pad the batch instead");
 }
 
 // The kernels' view of a layout; `packed` keeps the device copy of a packed layout alive.
@@ -81,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   const Layout l = layer_layout(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes);
   check_cuda(x, "rnn_forward");
   const c10::cuda::CUDAGuard guard(x.device());
+  refuse_packed_capture(l);
   if (is_reduced(x)) {
     auto [out, h_n] = rnn_forward(widen(x), widen(h0), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh),
                                   batch_sizes, nonlinearity);
@@ -124,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const Layout l = layer_layout(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, batch_sizes);
   check_cuda(x, "rnn_backward");
   const c10::cuda::CUDAGuard guard(x.device());
+  refuse_packed_capture(l);
   const auto [go, ghn] = incoming_grads(grad_out, grad_h_n, x, out, l);
   if (is_reduced(x)) {
     auto grads = rnn_backward(widen(grad_out), widen(grad_h_n), widen(x), widen(h0), widen(w_ih), widen(w_hh),
@@ -181,20 +191,26 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
 
 // ---- knobs for tests and benchmarks ----------------------------------------------------------
 
-std::string cuda_path() { return path_choice(); }
+std::string cuda_path() {
+  switch (path_choice.load()) {
+    case Path::kPersistent: return "persistent";
+    case Path::kGemm: return "gemm";
+    default: return "auto";
+  }
+}
 
 void set_cuda_path(const std::string& path) {
   TORCH_CHECK_VALUE(path == "auto" || path == "persistent" || path == "gemm", "myrnn_fast: unknown CUDA path '",
                     path, "'; choose auto, persistent or gemm");
-  path_choice() = path;
+  path_choice = path == "persistent" ? Path::kPersistent : path == "gemm" ? Path::kGemm : Path::kAuto;
 }
 
-int cuda_rows_per_block() { return rows_choice(); }
+int cuda_rows_per_block() { return rows_choice.load(); }
 
 void set_cuda_rows_per_block(int rows) {
   TORCH_CHECK_VALUE(rows == 0 || rows == 1 || rows == 2 || rows == 4 || rows == 8,
                     "myrnn_fast: rows per block must be 1, 2, 4 or 8 (0 chooses), got ", rows);
-  rows_choice() = rows;
+  rows_choice = rows;
 }
 
 }  // namespace myrnn_fast::cuda

@@ -5,6 +5,7 @@
 #include "rnn_cuda_kernels.h"
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -72,7 +73,7 @@ int blocks_per_sm(void* kernel, int device, int threads, size_t bytes, int max_b
   const auto key = std::make_tuple(kernel, device, threads, bytes);
   std::lock_guard<std::mutex> lock(mutex);
   if (auto it = known.find(key); it != known.end()) return it->second;
-  int blocks = 0;
+  int blocks = 0;  // a failed query counts as "does not fit", for good: that shape takes the GEMM path
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_bytes) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, bytes) != cudaSuccess) {
     cudaGetLastError();  // not sticky: clear it so the caller's next launch check does not see it
@@ -82,7 +83,7 @@ int blocks_per_sm(void* kernel, int device, int threads, size_t bytes, int max_b
   return blocks;
 }
 
-template <typename T, typename Kernel, typename... Args>
+template <typename Kernel, typename... Args>
 cudaError_t launch(const Plan& p, Kernel kernel, cudaStream_t stream, Args... args) {
   kernel<<<p.blocks, p.threads, p.shared_bytes, stream>>>(args...);
   return cudaGetLastError();
@@ -105,7 +106,7 @@ unsigned elementwise_blocks(int64_t n) { return static_cast<unsigned>(std::min<i
 }  // namespace
 
 template <typename T>
-Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block) {
+Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block, bool any_waves) {
   Plan p;
   if (batch <= 0 || hidden <= 0 || hidden > kMaxThreads) return p;
   int device = 0, sms = 0, max_bytes = 0;
@@ -116,22 +117,25 @@ Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_
     return p;
   }
   const int threads = static_cast<int>(device::round_up(hidden, 32));
-  const bool forced = rows_per_block > 0;
+  const int first = rows_per_block > 0 ? rows_per_block : 1, last = rows_per_block > 0 ? rows_per_block : kMaxRowsPerBlock;
   // The fewest rows per block that still run the whole batch in one wave: more blocks, each
   // with a shorter dot product per step, is the faster trade as long as they all fit at once.
-  for (int rows = forced ? rows_per_block : 1; rows <= (forced ? rows_per_block : kMaxRowsPerBlock); rows *= 2) {
+  // Failing that (any_waves), the most rows per block that fit: the fewest waves.
+  for (int rows = first; rows <= last; rows *= 2) {
     const size_t bytes = shared_bytes<T>(hidden, rows);
     if (bytes > static_cast<size_t>(max_bytes)) break;
     const int64_t blocks = (batch + rows - 1) / rows;
+    if (blocks > std::numeric_limits<int>::max()) continue;
     const int resident = blocks_per_sm(kernel_for<T>(rows, backward), device, threads, bytes, max_bytes);
-    if (resident > 0 && (forced || blocks <= static_cast<int64_t>(resident) * sms)) {
-      p.fits = true;
-      p.rows_per_block = rows;
-      p.threads = threads;
-      p.blocks = static_cast<int>(blocks);
-      p.shared_bytes = bytes;
-      break;
-    }
+    if (resident == 0) break;
+    const bool one_wave = blocks <= static_cast<int64_t>(resident) * sms;
+    if (!one_wave && !any_waves) continue;
+    p.fits = true;
+    p.rows_per_block = rows;
+    p.threads = threads;
+    p.blocks = static_cast<int>(blocks);
+    p.shared_bytes = bytes;
+    if (one_wave) break;
   }
   return p;
 }
@@ -140,10 +144,10 @@ template <typename T>
 cudaError_t persistent_forward(const Plan& p, const Sequence& s, T* out, const T* h0, const T* w_hh_t, T* h_n,
                                bool relu, cudaStream_t stream) {
   switch (p.rows_per_block) {
-    case 1: return launch<T>(p, forward_kernel<T, 1>, stream, s, out, h0, w_hh_t, h_n, relu);
-    case 2: return launch<T>(p, forward_kernel<T, 2>, stream, s, out, h0, w_hh_t, h_n, relu);
-    case 4: return launch<T>(p, forward_kernel<T, 4>, stream, s, out, h0, w_hh_t, h_n, relu);
-    case 8: return launch<T>(p, forward_kernel<T, 8>, stream, s, out, h0, w_hh_t, h_n, relu);
+    case 1: return launch(p, forward_kernel<T, 1>, stream, s, out, h0, w_hh_t, h_n, relu);
+    case 2: return launch(p, forward_kernel<T, 2>, stream, s, out, h0, w_hh_t, h_n, relu);
+    case 4: return launch(p, forward_kernel<T, 4>, stream, s, out, h0, w_hh_t, h_n, relu);
+    case 8: return launch(p, forward_kernel<T, 8>, stream, s, out, h0, w_hh_t, h_n, relu);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -152,10 +156,10 @@ template <typename T>
 cudaError_t persistent_backward(const Plan& p, const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n,
                                 const T* y, const T* w_hh, bool relu, cudaStream_t stream) {
   switch (p.rows_per_block) {
-    case 1: return launch<T>(p, backward_kernel<T, 1>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
-    case 2: return launch<T>(p, backward_kernel<T, 2>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
-    case 4: return launch<T>(p, backward_kernel<T, 4>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
-    case 8: return launch<T>(p, backward_kernel<T, 8>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
+    case 1: return launch(p, backward_kernel<T, 1>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
+    case 2: return launch(p, backward_kernel<T, 2>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
+    case 4: return launch(p, backward_kernel<T, 4>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
+    case 8: return launch(p, backward_kernel<T, 8>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -175,7 +179,7 @@ cudaError_t mul_dact(T* g, const T* y, int64_t n, bool relu, cudaStream_t stream
 }
 
 #define MYRNN_INSTANTIATE(T)                                                                                    \
-  template Plan persistent_plan<T>(int64_t, int64_t, bool, int);                                                     \
+  template Plan persistent_plan<T>(int64_t, int64_t, bool, int, bool);                                                     \
   template cudaError_t persistent_forward<T>(const Plan&, const Sequence&, T*, const T*, const T*, T*, bool,    \
                                              cudaStream_t);                                                     \
   template cudaError_t persistent_backward<T>(const Plan&, const Sequence&, T*, const T*, const T*, const T*,   \

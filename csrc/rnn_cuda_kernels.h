@@ -24,9 +24,10 @@ struct Plan {
   size_t shared_bytes = 0;
 };
 
-// rows_per_block 1, 2, 4 or 8 forces that many (tests); 0 chooses.
+// rows_per_block 1, 2, 4 or 8 forces that many (tests); 0 chooses. any_waves accepts a grid that
+// needs several waves (correct, only slower) rather than reporting that the kernels do not fit.
 template <typename T>
-Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block = 0);
+Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block = 0, bool any_waves = false);
 
 // out holds x W_ih^T + b on entry and h_t on exit; w_hh_t is W_hh transposed ([k][j] = W_hh[j][k]).
 // Writes each row's last state to h_n.

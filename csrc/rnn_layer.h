@@ -55,33 +55,21 @@ void gemm_forward(const at::Tensor& out, const at::Tensor& h0, const at::Tensor&
 // The reverse recurrence into dz [N, H] (the gradient at the pre-activations), step by step:
 // dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t), with grad_h_n instead of dz_{t+1} for rows that
 // end at t. go / ghn may be undefined (zeros). mul_dact(g, y) does g *= act'(y) in place.
+// grad_out is copied into dz once, so each step is one in-place GEMM and one elementwise call.
 template <typename MulDact>
 void gemm_backward(const at::Tensor& dz, const at::Tensor& go, const at::Tensor& ghn, const at::Tensor& y,
                    const at::Tensor& w_hh, const Layout& l, const MulDact& mul_dact) {
+  if (go.defined())
+    dz.copy_(go);
+  else
+    dz.zero_();
   for (int64_t t = l.steps - 1; t >= 0; --t) {
     const int64_t active = l.batch_sizes[t];
     const int64_t carried = t + 1 < l.steps ? l.batch_sizes[t + 1] : 0;
-    at::Tensor dz_t = dz.narrow(0, l.offsets[t], active);
-    if (carried > 0) {
-      at::Tensor head = dz_t.narrow(0, 0, carried);
-      const at::Tensor dz_next = dz.narrow(0, l.offsets[t + 1], carried);
-      if (go.defined())
-        at::addmm_out(head, go.narrow(0, l.offsets[t], carried), dz_next, w_hh);
-      else
-        at::mm_out(head, dz_next, w_hh);
-    }
-    if (active > carried) {
-      const int64_t ending = active - carried;
-      at::Tensor tail = dz_t.narrow(0, carried, ending);
-      if (go.defined() && ghn.defined())
-        at::add_out(tail, go.narrow(0, l.offsets[t] + carried, ending), ghn.narrow(0, carried, ending));
-      else if (go.defined())
-        tail.copy_(go.narrow(0, l.offsets[t] + carried, ending));
-      else if (ghn.defined())
-        tail.copy_(ghn.narrow(0, carried, ending));
-      else
-        tail.zero_();
-    }
+    const at::Tensor dz_t = dz.narrow(0, l.offsets[t], active);
+    if (carried > 0) dz_t.narrow(0, 0, carried).addmm_(dz.narrow(0, l.offsets[t + 1], carried), w_hh);
+    if (active > carried && ghn.defined())
+      dz_t.narrow(0, carried, active - carried).add_(ghn.narrow(0, carried, active - carried));
     mul_dact(dz_t, y.narrow(0, l.offsets[t], active));
   }
 }

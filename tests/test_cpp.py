@@ -322,3 +322,28 @@ def test_torch_compile_in_a_fresh_process():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("grads", ["both", "out only", "h_n only", "neither"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_backward_paths_agree_for_every_incoming_grad(packed, grads, nonlinearity):
+    # The per-step GEMM loop (rnn_layer.h, shared with CUDA) against the register-tiled kernel,
+    # with autograd's undefined gradients in every combination.
+    x, h0, w_ih, w_hh, _, _, sizes, _ = _layer_args(T=5, B=4, H=7, packed=packed, bias=False)
+    detached = [t.detach() for t in (x, h0, w_ih, w_hh)]
+    out, h_n = ops.rnn_forward(*detached, None, None, sizes, nonlinearity)
+    grad_out = _randn(*out.shape, seed=7, grad=False) if grads in ("both", "out only") else None
+    grad_h_n = _randn(*h_n.shape, seed=8, grad=False) if grads in ("both", "h_n only") else None
+    results = {}
+    before = _C.cpu_path()
+    try:
+        for path in ("kernel", "blas"):
+            _C.set_cpu_path(path)
+            results[path] = ops.rnn_backward(grad_out, grad_h_n, *detached, out, sizes, nonlinearity, True)
+    finally:
+        _C.set_cpu_path(before)
+    for name, a, b in zip(("x", "h0", "w_ih", "w_hh", "b"), results["kernel"], results["blas"]):
+        torch.testing.assert_close(b, a, msg=lambda m: f"grad of {name}: {m}")
+    if grads == "neither":
+        assert all(torch.count_nonzero(g) == 0 for g in results["blas"])

@@ -78,6 +78,10 @@ def _gpu(device: torch.device) -> dict:
         "gpu_driver": driver,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
+        # torch's defaults, left as users get them: cuDNN may run float32 RNNs on TF32 tensor
+        # cores, while cuBLAS matmuls (our GEMMs) stay float32 unless matmul TF32 is turned on.
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }
 
 
@@ -123,6 +127,7 @@ def describe(machine: dict) -> str:
     if machine.get("gpu"):
         text += (
             f"; GPU {machine['gpu']} (driver {machine.get('gpu_driver') or 'unknown'}, "
-            f"CUDA {machine.get('cuda')}, cuDNN {machine.get('cudnn')})"
+            f"CUDA {machine.get('cuda')}, cuDNN {machine.get('cudnn')}; TF32: cuDNN "
+            f"{'on' if machine.get('cudnn_allow_tf32') else 'off'}, matmul {'on' if machine.get('matmul_allow_tf32') else 'off'})"
         )
     return text

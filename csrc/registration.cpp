@@ -123,8 +123,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("rnn_cell_cuda", &cuda::rnn_cell, "rnn_cell's CUDA kernel, without dispatch or autograd", no_gil,
         pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));
-  m.def("cuda_path", &cuda::cuda_path, "how the CUDA recurrence runs: auto, persistent or gemm");
-  m.def("set_cuda_path", &cuda::set_cuda_path, "force the persistent kernels or the per-step GEMM path (tests)");
+  m.def("cuda_path", &cuda::cuda_path, "how the CUDA recurrence runs: auto, registers, shared or gemm");
+  m.def("set_cuda_path", &cuda::set_cuda_path, "force a persistent kernel (registers, shared) or the per-step GEMM path (tests)");
   m.def("cuda_rows_per_block", &cuda::cuda_rows_per_block, "batch rows per persistent block, 0 when chosen");
   m.def("set_cuda_rows_per_block", &cuda::set_cuda_rows_per_block, "force 1, 2, 4 or 8 rows per block (tests)");
 #endif

@@ -3,7 +3,8 @@
 // The input projection of every step is one cuBLAS GEMM, and so are the weight gradients after
 // the reverse recurrence (rnn_layer.h, shared with the CPU). The recurrence takes one of two paths:
 //  - the persistent kernels of rnn_cuda_kernels.cu: one launch for the whole sequence, W_hh in
-//    each block's shared memory, used when it fits and the batch runs in one wave;
+//    each thread's registers (a column each, H <= 128 in float32) or else in each block's shared
+//    memory, used when it fits and the batch runs in one wave;
 //  - otherwise one cuBLAS GEMM per step, then a fused elementwise kernel.
 // Everything runs on the current stream of the input's device, with no host synchronization:
 // packed layouts reach the GPU through pinned memory without blocking.
@@ -31,21 +32,26 @@ namespace myrnn_fast::cuda {
 namespace {
 
 // The knobs are read by calls that run without the GIL, hence atomics.
-enum class Path : int { kAuto, kPersistent, kGemm };
+enum class Path : int { kAuto, kRegisters, kShared, kGemm };
 std::atomic<Path> path_choice{Path::kAuto};
 std::atomic<int> rows_choice{0};
 
-// A Plan that runs the persistent kernels, or none for the per-step GEMM path.
+// A Plan that runs the persistent kernels (W_hh in registers where a column fits them, else in
+// shared memory), or none for the per-step GEMM path.
 template <typename T>
 Plan choose_plan(const Layout& l, bool backward) {
   const Path path = path_choice.load();
   if (path == Path::kGemm) return {};
+  const int registers = path == Path::kShared ? 0 : register_columns<T>(l.hidden);
+  const auto dtype = c10::toString(c10::CppTypeToScalarType<T>::value);
+  TORCH_CHECK(path != Path::kRegisters || registers > 0, "myrnn_fast: hidden size ", l.hidden, " in ", dtype,
+              " is too large to keep W_hh in registers (up to 128 in float32, 64 in float64)");
   // Forced, the persistent kernels also take a batch that needs more than one wave of blocks.
-  const bool forced = path == Path::kPersistent;
-  const Plan plan = persistent_plan<T>(l.batch, l.hidden, backward, rows_choice.load(), /*any_waves=*/forced);
-  TORCH_CHECK(plan.fits || !forced, "myrnn_fast: hidden size ", l.hidden, " in ", c10::toString(c10::CppTypeToScalarType<T>::value),
-              " does not fit one block's shared memory on this device, so the persistent CUDA kernels cannot run it "
-              "(set_cuda_path('auto') chooses for you)");
+  const bool forced = path != Path::kAuto;
+  const Plan plan = persistent_plan<T>(l.batch, l.hidden, backward, rows_choice.load(), forced, registers);
+  TORCH_CHECK(plan.fits || !forced, "myrnn_fast: hidden size ", l.hidden, " in ", dtype,
+              " does not fit one block's shared memory on this device, so the persistent CUDA kernels cannot run "
+              "it (set_cuda_path('auto') chooses for you)");
   return plan;
 }
 
@@ -193,16 +199,20 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
 
 std::string cuda_path() {
   switch (path_choice.load()) {
-    case Path::kPersistent: return "persistent";
+    case Path::kRegisters: return "registers";
+    case Path::kShared: return "shared";
     case Path::kGemm: return "gemm";
     default: return "auto";
   }
 }
 
 void set_cuda_path(const std::string& path) {
-  TORCH_CHECK_VALUE(path == "auto" || path == "persistent" || path == "gemm", "myrnn_fast: unknown CUDA path '",
-                    path, "'; choose auto, persistent or gemm");
-  path_choice = path == "persistent" ? Path::kPersistent : path == "gemm" ? Path::kGemm : Path::kAuto;
+  TORCH_CHECK_VALUE(path == "auto" || path == "registers" || path == "shared" || path == "gemm",
+                    "myrnn_fast: unknown CUDA path '", path, "'; choose auto, registers, shared or gemm");
+  path_choice = path == "registers" ? Path::kRegisters
+                : path == "shared"  ? Path::kShared
+                : path == "gemm"    ? Path::kGemm
+                                    : Path::kAuto;
 }
 
 int cuda_rows_per_block() { return rows_choice.load(); }

@@ -20,7 +20,8 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                     c10::string_view nonlinearity);
 
-// How the recurrence runs: "auto" (persistent where it fits), "persistent" or "gemm".
+// How the recurrence runs: "auto" (persistent where it fits), "registers" or "shared" (the
+// persistent kernels with W_hh in registers or in shared memory), or "gemm" (per-step cuBLAS).
 std::string cuda_path();
 void set_cuda_path(const std::string& path);
 // Batch rows per block of the persistent kernels: 1, 2, 4 or 8 forced, or 0 to choose (tests).

@@ -6,13 +6,14 @@
 // tested on every machine, not only where a GPU is.
 //
 // The algorithm. cuDNN's persistent RNN spreads W_hh over the whole GPU and pays a grid-wide
-// barrier every step. Here each block holds all of W_hh in shared memory and runs the whole
-// sequence for its own R batch rows; rows never interact, so the only synchronization left is one
-// block barrier per step. Thread j owns hidden unit j of the block's rows: per step it reads
-// column j of the matrix (consecutive threads, consecutive words: no bank conflicts), the rows'
-// previous states as broadcasts, and keeps four partial sums per row so the multiply-adds do not
-// wait on each other. The step's input projection (one GEMM for all steps, done by the caller)
-// is loaded before the dot product and added after, so its latency hides behind the arithmetic.
+// barrier every step. Here each block holds all of W_hh and runs the whole sequence for its own R
+// batch rows; rows never interact, so the only synchronization left is one block barrier per
+// step. Thread j owns hidden unit j of the block's rows and needs column j of the matrix: in its
+// own registers when H <= 128 (float32; 64 in float64), loaded once for the whole sequence, so a
+// step reads nothing but the rows' previous states (as broadcasts); otherwise from shared memory
+// (consecutive threads, consecutive words: no bank conflicts). Four partial sums per row keep the
+// multiply-adds from waiting on each other. The step's input projection (one GEMM for all steps,
+// done by the caller) is read a step ahead, so its latency hides behind the previous step.
 #pragma once
 
 #include <cstddef>
@@ -47,11 +48,20 @@ namespace device {
 
 MYRNN_HOST_DEVICE constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Shared memory of a persistent block: the [K][H] matrix (K = H rounded up to 4, rows k >= H zero)
-// and two [R][K] state buffers (read one step, written the next; entries k >= H stay zero).
+// Where a block keeps the step matrix: `registers` = 0 puts it in shared memory as [K][H] (K = H
+// rounded up to 4, rows k >= H zero); registers = KR (32, 64 or 128, at least H) gives each thread
+// its own column in KR registers (K = KR, entries k >= H zero) and leaves shared memory to the
+// state. Either way two [R][K] state buffers follow (read one step, written the next; entries
+// k >= H stay zero).
 template <typename T>
-MYRNN_HOST_DEVICE constexpr size_t shared_bytes(int64_t hidden, int rows) {
-  return static_cast<size_t>(round_up(hidden, 4) * hidden + 2 * rows * round_up(hidden, 4)) * sizeof(T);
+MYRNN_HOST_DEVICE constexpr int64_t state_width(int64_t hidden, int registers) {
+  return registers > 0 ? registers : round_up(hidden, 4);
+}
+
+template <typename T>
+MYRNN_HOST_DEVICE constexpr size_t shared_bytes(int64_t hidden, int rows, int registers) {
+  const int64_t k = state_width<T>(hidden, registers);
+  return static_cast<size_t>((registers > 0 ? 0 : k * hidden) + 2 * rows * k) * sizeof(T);
 }
 
 // Same conventions as the CPU kernels: relu keeps NaN (and -0), its derivative is 0 at y <= 0.
@@ -111,11 +121,45 @@ MYRNN_DEVICE Step step_at(const Sequence& s, int64_t t) {
   return {s.packed[t], sizes[t], t + 1 < s.steps ? sizes[t + 1] : 0};
 }
 
-// The matrix into shared memory as [K][H] (zero rows k >= H) and both state buffers zeroed.
-template <typename T, int R, typename Block>
-MYRNN_DEVICE void load_shared(const Block& b, T* w, T* state, const T* matrix, int64_t H, int64_t K) {
-  for (int64_t i = b.thread(); i < K * H; i += b.size()) w[i] = i < H * H ? matrix[i] : T(0);
+// Column j of the step matrix ([k][j] = matrix[k * H + j]) as the dot products read it.
+template <typename T, int KR>
+struct Column {  // in this thread's registers: every index is a constant once the loops unroll
+  T v[KR];
+  MYRNN_DEVICE void four(int64_t k, T (&w)[4]) const {
+MYRNN_UNROLL
+    for (int q = 0; q < 4; ++q) w[q] = v[k + q];
+  }
+};
+
+template <typename T>
+struct Column<T, 0> {  // in shared memory, [K][H]
+  const T* w;
+  int64_t H;
+  int j;
+  MYRNN_DEVICE void four(int64_t k, T (&v)[4]) const {
+MYRNN_UNROLL
+    for (int q = 0; q < 4; ++q) v[q] = w[(k + q) * H + j];
+  }
+};
+
+// Loads the matrix where the block keeps it and zeroes both state buffers; returns thread j's
+// view of its column. Followed by a barrier before anything reads shared memory.
+template <typename T, int R, int KR, typename Block>
+MYRNN_DEVICE Column<T, KR> load_matrix(const Block& b, T* shared, const T* __restrict__ matrix, int64_t H, int j,
+                                       T*& state) {
+  const int64_t K = state_width<T>(H, KR);
+  Column<T, KR> column;
+  if constexpr (KR > 0) {
+MYRNN_UNROLL
+    for (int k = 0; k < KR; ++k) column.v[k] = k < H && j < H ? matrix[k * H + j] : T(0);
+    state = shared;
+  } else {
+    for (int64_t i = b.thread(); i < K * H; i += b.size()) shared[i] = i < H * H ? matrix[i] : T(0);
+    column = {shared, H, j};
+    state = shared + K * H;
+  }
   for (int64_t i = b.thread(); i < 2 * R * K; i += b.size()) state[i] = T(0);
+  return column;
 }
 
 // v[r] = buffer[row0 + r][j] at `step` for the block's rows active there, zero for the others and
@@ -128,18 +172,16 @@ MYRNN_UNROLL
     v[r] = buffer && row0 + r < step.active ? buffer[(step.offset + row0 + r) * H + j] : T(0);
 }
 
-// out[r] = sum_k state[r][k] * w[k][j]: four partial sums per row, added at the end.
-template <typename T, int R>
-MYRNN_DEVICE void dot_column(const T* __restrict__ w, const T* __restrict__ state, int64_t H, int64_t K, int j,
-                             T (&out)[R]) {
+// out[r] = sum_k state[r][k] * column[k]: four partial sums per row, added at the end. A column in
+// registers has a compile-time length and unrolls completely.
+template <typename T, int R, int KR>
+MYRNN_DEVICE void dot_column(const Column<T, KR>& column, const T* __restrict__ state, int64_t K, T (&out)[R]) {
   T acc[R][4];
 MYRNN_UNROLL
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = T(0);
-MYRNN_UNROLL_2
-  for (int64_t k = 0; k < K; k += 4) {
+  const auto step = [&](int64_t k) {
     T wk[4];
-MYRNN_UNROLL
-    for (int q = 0; q < 4; ++q) wk[q] = w[(k + q) * H + j];
+    column.four(k, wk);
 MYRNN_UNROLL
     for (int r = 0; r < R; ++r) {
       T hv[4];
@@ -147,6 +189,13 @@ MYRNN_UNROLL
 MYRNN_UNROLL
       for (int q = 0; q < 4; ++q) acc[r][q] = multiply_add(hv[q], wk[q], acc[r][q]);
     }
+  };
+  if constexpr (KR > 0) {
+MYRNN_UNROLL
+    for (int k = 0; k < KR; k += 4) step(k);
+  } else {
+MYRNN_UNROLL_2
+    for (int64_t k = 0; k < K; k += 4) step(k);
   }
 MYRNN_UNROLL
   for (int r = 0; r < R; ++r) out[r] = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
@@ -154,15 +203,14 @@ MYRNN_UNROLL
 
 // The forward recurrence of rows [R * block, R * block + R). `out` holds x W_ih^T + b on entry and
 // h_t on exit; w_hh_t is W_hh transposed ([k][j] = W_hh[j][k]). Writes each row's last state to h_n.
-template <typename T, int R, typename Block>
+template <typename T, int R, int KR, typename Block>
 MYRNN_DEVICE void forward(const Block& b, T* shared, const Sequence& s, T* __restrict__ out, const T* __restrict__ h0,
                           const T* __restrict__ w_hh_t, T* __restrict__ h_n, bool relu) {
-  const int64_t H = s.hidden, K = round_up(H, 4);
-  T* w = shared;
-  T* state = w + K * H;
+  const int64_t H = s.hidden, K = state_width<T>(H, KR);
   const int j = b.thread();
   const int64_t row0 = b.index() * int64_t{R};
-  load_shared<T, R>(b, w, state, w_hh_t, H, K);
+  T* state;
+  const Column<T, KR> column = load_matrix<T, R, KR>(b, shared, w_hh_t, H, j, state);
   b.sync();  // the zero fill of `state` before h0 lands in it
   if (j < H)
     for (int r = 0; r < R; ++r)
@@ -182,7 +230,7 @@ MYRNN_DEVICE void forward(const Block& b, T* shared, const Sequence& s, T* __res
     const Step following = t + 1 < s.steps ? step_at(s, t + 1) : Step{0, 0, 0};
     if (j < H) {
       T dot[R];
-      dot_column<T, R>(w, h, H, K, j, dot);
+      dot_column<T, R, KR>(column, h, K, dot);
 MYRNN_UNROLL
       for (int r = 0; r < R; ++r) {
         const int64_t row = row0 + r;
@@ -202,16 +250,15 @@ MYRNN_UNROLL
 
 // The reverse recurrence of the same rows: dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t), where a
 // row's last step takes grad_h_n instead of the product. Null grads count as zeros.
-template <typename T, int R, typename Block>
+template <typename T, int R, int KR, typename Block>
 MYRNN_DEVICE void backward(const Block& b, T* shared, const Sequence& s, T* __restrict__ dz,
                            const T* __restrict__ grad_out, const T* __restrict__ grad_h_n, const T* __restrict__ y,
                            const T* __restrict__ w_hh, bool relu) {
-  const int64_t H = s.hidden, K = round_up(H, 4);
-  T* w = shared;
-  T* state = w + K * H;  // dz_{t+1} of the block's rows, then dz_t
+  const int64_t H = s.hidden, K = state_width<T>(H, KR);
   const int j = b.thread();
   const int64_t row0 = b.index() * int64_t{R};
-  load_shared<T, R>(b, w, state, w_hh, H, K);
+  T* state;  // dz_{t+1} of the block's rows, then dz_t
+  const Column<T, KR> column = load_matrix<T, R, KR>(b, shared, w_hh, H, j, state);
   b.sync();
 
   // grad_out and y of a step are read one step ahead (in reverse), like the forward's projection.
@@ -229,7 +276,7 @@ MYRNN_DEVICE void backward(const Block& b, T* shared, const Sequence& s, T* __re
       T* dz_now = state + (current ^ 1) * R * K;
       if (j < H) {
         T dot[R];
-        dot_column<T, R>(w, dz_next, H, K, j, dot);
+        dot_column<T, R, KR>(column, dz_next, K, dot);
 MYRNN_UNROLL
         for (int r = 0; r < R; ++r) {
           const int64_t row = row0 + r;

@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 namespace myrnn_fast::cuda {
 namespace {
@@ -34,34 +35,50 @@ __device__ T* shared_memory() {
   return reinterpret_cast<T*>(shared);
 }
 
-template <typename T, int R>
+template <typename T, int R, int KR>
 __global__ void __launch_bounds__(kMaxThreads) forward_kernel(Sequence s, T* __restrict__ out, const T* __restrict__ h0,
                                                               const T* __restrict__ w_hh_t, T* __restrict__ h_n,
                                                               bool relu) {
-  device::forward<T, R>(CudaBlock{}, shared_memory<T>(), s, out, h0, w_hh_t, h_n, relu);
+  device::forward<T, R, KR>(CudaBlock{}, shared_memory<T>(), s, out, h0, w_hh_t, h_n, relu);
 }
 
-template <typename T, int R>
+template <typename T, int R, int KR>
 __global__ void __launch_bounds__(kMaxThreads) backward_kernel(Sequence s, T* __restrict__ dz,
                                                                const T* __restrict__ grad_out,
                                                                const T* __restrict__ grad_h_n, const T* __restrict__ y,
                                                                const T* __restrict__ w_hh, bool relu) {
-  device::backward<T, R>(CudaBlock{}, shared_memory<T>(), s, dz, grad_out, grad_h_n, y, w_hh, relu);
+  device::backward<T, R, KR>(CudaBlock{}, shared_memory<T>(), s, dz, grad_out, grad_h_n, y, w_hh, relu);
 }
 
-template <typename T, int R>
-void* kernel_of(bool backward) {
-  return backward ? reinterpret_cast<void*>(&backward_kernel<T, R>) : reinterpret_cast<void*>(&forward_kernel<T, R>);
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// fn(Int<R>{}, Int<KR>{}) for a runtime (rows per block, register width): the kernel variants
+// that exist. float64 columns stop at 64 registers (128 would take 256 of the 255 a thread has).
+template <typename T, typename F>
+auto with_variant(int rows, int registers, const F& fn) {
+  const auto by_rows = [&](auto kr) {
+    switch (rows) {
+      case 1: return fn(Int<1>{}, kr);
+      case 2: return fn(Int<2>{}, kr);
+      case 4: return fn(Int<4>{}, kr);
+      default: return fn(Int<8>{}, kr);
+    }
+  };
+  if (registers == 32) return by_rows(Int<32>{});
+  if (registers == 64) return by_rows(Int<64>{});
+  if constexpr (std::is_same_v<T, float>)
+    if (registers == 128) return by_rows(Int<128>{});
+  return by_rows(Int<0>{});
 }
 
 template <typename T>
-void* kernel_for(int rows, bool backward) {
-  switch (rows) {
-    case 1: return kernel_of<T, 1>(backward);
-    case 2: return kernel_of<T, 2>(backward);
-    case 4: return kernel_of<T, 4>(backward);
-    default: return kernel_of<T, 8>(backward);
-  }
+void* kernel_for(int rows, int registers, bool backward) {
+  return with_variant<T>(rows, registers, [&](auto r, auto kr) {
+    constexpr int R = decltype(r)::value, KR = decltype(kr)::value;
+    return backward ? reinterpret_cast<void*>(&backward_kernel<T, R, KR>)
+                    : reinterpret_cast<void*>(&forward_kernel<T, R, KR>);
+  });
 }
 
 // Resident blocks per SM of one kernel at one shared-memory size, asked of the occupancy
@@ -106,9 +123,19 @@ unsigned elementwise_blocks(int64_t n) { return static_cast<unsigned>(std::min<i
 }  // namespace
 
 template <typename T>
-Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block, bool any_waves) {
+int register_columns(int64_t hidden) {
+  if (hidden <= 0) return 0;
+  if (hidden <= 32) return 32;
+  if (hidden <= 64) return 64;
+  if (std::is_same_v<T, float> && hidden <= 128) return 128;
+  return 0;
+}
+
+template <typename T>
+Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block, bool any_waves, int registers) {
   Plan p;
   if (batch <= 0 || hidden <= 0 || hidden > kMaxThreads) return p;
+  if (registers != 0 && (registers != register_columns<T>(registers) || hidden > registers)) return p;
   int device = 0, sms = 0, max_bytes = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
@@ -122,16 +149,17 @@ Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_
   // with a shorter dot product per step, is the faster trade as long as they all fit at once.
   // Failing that (any_waves), the most rows per block that fit: the fewest waves.
   for (int rows = first; rows <= last; rows *= 2) {
-    const size_t bytes = shared_bytes<T>(hidden, rows);
+    const size_t bytes = shared_bytes<T>(hidden, rows, registers);
     if (bytes > static_cast<size_t>(max_bytes)) break;
     const int64_t blocks = (batch + rows - 1) / rows;
     if (blocks > std::numeric_limits<int>::max()) continue;
-    const int resident = blocks_per_sm(kernel_for<T>(rows, backward), device, threads, bytes, max_bytes);
+    const int resident = blocks_per_sm(kernel_for<T>(rows, registers, backward), device, threads, bytes, max_bytes);
     if (resident == 0) break;
     const bool one_wave = blocks <= static_cast<int64_t>(resident) * sms;
     if (!one_wave && !any_waves) continue;
     p.fits = true;
     p.rows_per_block = rows;
+    p.registers = registers;
     p.threads = threads;
     p.blocks = static_cast<int>(blocks);
     p.shared_bytes = bytes;
@@ -143,25 +171,21 @@ Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_
 template <typename T>
 cudaError_t persistent_forward(const Plan& p, const Sequence& s, T* out, const T* h0, const T* w_hh_t, T* h_n,
                                bool relu, cudaStream_t stream) {
-  switch (p.rows_per_block) {
-    case 1: return launch(p, forward_kernel<T, 1>, stream, s, out, h0, w_hh_t, h_n, relu);
-    case 2: return launch(p, forward_kernel<T, 2>, stream, s, out, h0, w_hh_t, h_n, relu);
-    case 4: return launch(p, forward_kernel<T, 4>, stream, s, out, h0, w_hh_t, h_n, relu);
-    case 8: return launch(p, forward_kernel<T, 8>, stream, s, out, h0, w_hh_t, h_n, relu);
-    default: return cudaErrorInvalidValue;
-  }
+  if (!p.fits) return cudaErrorInvalidValue;
+  return with_variant<T>(p.rows_per_block, p.registers, [&](auto r, auto kr) {
+    return launch(p, forward_kernel<T, decltype(r)::value, decltype(kr)::value>, stream, s, out, h0, w_hh_t, h_n,
+                  relu);
+  });
 }
 
 template <typename T>
 cudaError_t persistent_backward(const Plan& p, const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n,
                                 const T* y, const T* w_hh, bool relu, cudaStream_t stream) {
-  switch (p.rows_per_block) {
-    case 1: return launch(p, backward_kernel<T, 1>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
-    case 2: return launch(p, backward_kernel<T, 2>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
-    case 4: return launch(p, backward_kernel<T, 4>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
-    case 8: return launch(p, backward_kernel<T, 8>, stream, s, dz, grad_out, grad_h_n, y, w_hh, relu);
-    default: return cudaErrorInvalidValue;
-  }
+  if (!p.fits) return cudaErrorInvalidValue;
+  return with_variant<T>(p.rows_per_block, p.registers, [&](auto r, auto kr) {
+    return launch(p, backward_kernel<T, decltype(r)::value, decltype(kr)::value>, stream, s, dz, grad_out, grad_h_n,
+                  y, w_hh, relu);
+  });
 }
 
 template <typename T>
@@ -179,7 +203,8 @@ cudaError_t mul_dact(T* g, const T* y, int64_t n, bool relu, cudaStream_t stream
 }
 
 #define MYRNN_INSTANTIATE(T)                                                                                    \
-  template Plan persistent_plan<T>(int64_t, int64_t, bool, int, bool);                                                     \
+  template int register_columns<T>(int64_t);                                                                    \
+  template Plan persistent_plan<T>(int64_t, int64_t, bool, int, bool, int);                                     \
   template cudaError_t persistent_forward<T>(const Plan&, const Sequence&, T*, const T*, const T*, T*, bool,    \
                                              cudaStream_t);                                                     \
   template cudaError_t persistent_backward<T>(const Plan&, const Sequence&, T*, const T*, const T*, const T*,   \

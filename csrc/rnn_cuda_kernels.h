@@ -20,14 +20,20 @@ namespace myrnn_fast::cuda {
 // also asks that the grid runs in one wave.
 struct Plan {
   bool fits = false;
-  int rows_per_block = 0, threads = 0, blocks = 0;
+  int rows_per_block = 0, registers = 0, threads = 0, blocks = 0;
   size_t shared_bytes = 0;
 };
 
+// The register width (32, 64 or 128 for float32; 32 or 64 for float64) that holds a W_hh column
+// of this hidden size in each thread's registers, or 0 where only shared memory can hold it.
+template <typename T>
+int register_columns(int64_t hidden);
+
+// `registers`: 0 keeps W_hh in shared memory, register_columns<T>(hidden) in registers.
 // rows_per_block 1, 2, 4 or 8 forces that many (tests); 0 chooses. any_waves accepts a grid that
 // needs several waves (correct, only slower) rather than reporting that the kernels do not fit.
 template <typename T>
-Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block = 0, bool any_waves = false);
+Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block, bool any_waves, int registers);
 
 // out holds x W_ih^T + b on entry and h_t on exit; w_hh_t is W_hh transposed ([k][j] = W_hh[j][k]).
 // Writes each row's last state to h_n.

@@ -1,7 +1,8 @@
 """The cpp backend on CUDA against torch.nn.RNN on cuDNN, with the same weights: outputs, h_n and every
-gradient, for both recurrence paths (the persistent kernels and the per-step cuBLAS loop), every
-rows-per-block variant, packed input, float32/float64 and float16/bfloat16; gradcheck in float64,
-opcheck, torch.compile(fullgraph=True), streams and no host synchronization. Skipped without a GPU.
+gradient, for every recurrence path (the persistent kernels with W_hh in registers or in shared
+memory, and the per-step cuBLAS loop), every rows-per-block variant, packed input, float32/float64
+and float16/bfloat16; gradcheck in float64, opcheck, torch.compile(fullgraph=True), CUDA graphs,
+streams and no host synchronization. Skipped without a GPU.
 
 The kernels' bodies are also checked without a GPU, on the CPU, by test_cuda_sim.py."""
 
@@ -39,19 +40,28 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
-@pytest.fixture(params=["persistent", "gemm"])
+@pytest.fixture(params=["registers", "shared", "gemm"])
 def path(request):
-    """Force one recurrence path for the test, then go back to choosing."""
+    """Force one recurrence path for the test, then go back to choosing: the persistent kernels with
+    W_hh in registers or in shared memory, or the per-step cuBLAS loop."""
     _C.set_cuda_path(request.param)
     yield request.param
     _C.set_cuda_path("auto")
 
 
-@pytest.fixture(params=[1, 2, 4, 8], ids=lambda r: f"rows{r}")
+def skip_unless_fits(path, H, dtype):
+    """The register kernels hold a column of up to 128 float32 or 64 float64 values."""
+    if path == "registers" and H > (64 if dtype == torch.float64 else 128):
+        pytest.skip(f"H={H} in {dtype} does not fit the register kernels")
+
+
+@pytest.fixture(params=[(r, p) for p in ("registers", "shared") for r in (1, 2, 4, 8)],
+                ids=lambda rp: f"rows{rp[0]}-{rp[1]}")
 def rows_per_block(request):
-    _C.set_cuda_path("persistent")
-    _C.set_cuda_rows_per_block(request.param)
-    yield request.param
+    rows, path = request.param
+    _C.set_cuda_path(path)
+    _C.set_cuda_rows_per_block(rows)
+    yield rows
     _C.set_cuda_rows_per_block(0)
     _C.set_cuda_path("auto")
 
@@ -104,12 +114,15 @@ def test_dense(path, dtype, layers, bidirectional, batch_first, nonlinearity, bi
     check_module(ref, ours, dense(5, 6, H, layers, directions, dtype, batch_first), dtype)
 
 
-@pytest.mark.parametrize("H", [1, 5, 32, 33, 120])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("H", [1, 5, 32, 33, 64, 120])
 @pytest.mark.parametrize("B", [1, 3, 40])
-def test_hidden_and_batch_sizes(path, H, B):
-    # Below, at and past the 4-wide loads and the 32-thread warp; cuDNN's persistent case (120).
-    ref, ours = rnn_pair("cpp", I, H, 1, dtype=torch.float64, device=CUDA)
-    check_module(ref, ours, dense(7, B, H), torch.float64)
+def test_hidden_and_batch_sizes(path, dtype, H, B):
+    # Below, at and past the 4-wide loads, the 32-thread warp and each register width (32, 64,
+    # 128); cuDNN's persistent case (120).
+    skip_unless_fits(path, H, dtype)
+    ref, ours = rnn_pair("cpp", I, H, 1, dtype=dtype, device=CUDA)
+    check_module(ref, ours, dense(7, B, H, dtype=dtype), dtype)
 
 
 @pytest.mark.parametrize("packed_input", [False, True], ids=["dense", "packed"])
@@ -135,6 +148,7 @@ def test_packed(path, dtype, lengths, enforce_sorted, layers, bidirectional):
 
 def test_largest_persistent_hidden_size(path):
     # float32 H = 200 still fits one block's shared memory on an H100 (up to 8 rows of state).
+    skip_unless_fits(path, 200, torch.float32)
     ref, ours = rnn_pair("cpp", I, 200, 1, dtype=torch.float32, device=CUDA)
     check_module(ref, ours, dense(4, 4, 200, dtype=torch.float32), torch.float32)
 
@@ -164,6 +178,7 @@ REDUCED_TOLERANCE = {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("H", [16, 200])
 def test_reduced_precision_against_float32(path, dtype, H):
+    skip_unless_fits(path, H, dtype)
     # Computed in float32 and rounded once: judged against cuDNN in float32 on the same rounded
     # weights and inputs, within what the storage type can hold.
     torch.manual_seed(0)
@@ -297,9 +312,10 @@ def test_no_host_synchronization(path, packed_input):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_forced_persistent_path_runs_a_batch_larger_than_one_wave():
+@pytest.mark.parametrize("forced", ["registers", "shared"])
+def test_forced_persistent_path_runs_a_batch_larger_than_one_wave(forced):
     # 20,000 rows at 8 per block is more blocks than an H100 holds at once: several waves.
-    _C.set_cuda_path("persistent")
+    _C.set_cuda_path(forced)
     try:
         ref, ours = rnn_pair("cpp", I, 64, 1, dtype=torch.float32, device=CUDA)
         x = _randn(3, 20_000, I, dtype=torch.float32, grad=False)
@@ -359,9 +375,15 @@ def test_bad_knob_values_raise_value_error():
         _C.set_cuda_rows_per_block(3)
 
 
-def test_persistent_path_refuses_what_does_not_fit(path):
-    if path != "persistent":
-        pytest.skip("the GEMM path takes any size")
-    args = _layer_args(H=300, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="hidden size 300 in Double does not fit"):
-        ops.rnn_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+@pytest.mark.parametrize("forced,H,message", [
+    ("shared", 300, "hidden size 300 in Double does not fit one block's shared memory"),
+    ("registers", 65, "hidden size 65 in Double is too large to keep W_hh in registers"),
+])
+def test_forced_persistent_paths_refuse_what_does_not_fit(forced, H, message):
+    args = _layer_args(H=H, dtype=torch.float64)
+    _C.set_cuda_path(forced)
+    try:
+        with pytest.raises(RuntimeError, match=message):
+            ops.rnn_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    finally:
+        _C.set_cuda_path("auto")

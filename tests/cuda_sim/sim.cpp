@@ -10,6 +10,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -28,9 +29,9 @@ struct SimBlock {
 };
 
 template <typename T, typename Body>
-void run_grid(const Sequence& s, int rows, const Body& body) {
+void run_grid(const Sequence& s, int rows, int registers, const Body& body) {
   const int threads = static_cast<int>(device::round_up(s.hidden, 32));
-  const size_t count = device::shared_bytes<T>(s.hidden, rows) / sizeof(T);
+  const size_t count = device::shared_bytes<T>(s.hidden, rows, registers) / sizeof(T);
   for (int64_t block = 0; block < (s.batch + rows - 1) / rows; ++block) {
     std::unique_ptr<T[]> shared(new T[count]);
     for (size_t i = 0; i < count; ++i) shared[i] = std::numeric_limits<T>::quiet_NaN();
@@ -42,33 +43,48 @@ void run_grid(const Sequence& s, int rows, const Body& body) {
   }
 }
 
-template <typename T, int R>
+template <typename T, int R, int KR>
 void forward(const Sequence& s, void* out, const void* h0, const void* w_hh_t, void* h_n, bool relu) {
-  run_grid<T>(s, R, [&](const SimBlock& b, T* shared) {
-    device::forward<T, R>(b, shared, s, static_cast<T*>(out), static_cast<const T*>(h0),
-                          static_cast<const T*>(w_hh_t), static_cast<T*>(h_n), relu);
+  run_grid<T>(s, R, KR, [&](const SimBlock& b, T* shared) {
+    device::forward<T, R, KR>(b, shared, s, static_cast<T*>(out), static_cast<const T*>(h0),
+                              static_cast<const T*>(w_hh_t), static_cast<T*>(h_n), relu);
   });
 }
 
-template <typename T, int R>
+template <typename T, int R, int KR>
 void backward(const Sequence& s, void* dz, const void* grad_out, const void* grad_h_n, const void* y,
               const void* w_hh, bool relu) {
-  run_grid<T>(s, R, [&](const SimBlock& b, T* shared) {
-    device::backward<T, R>(b, shared, s, static_cast<T*>(dz), static_cast<const T*>(grad_out),
-                           static_cast<const T*>(grad_h_n), static_cast<const T*>(y), static_cast<const T*>(w_hh),
-                           relu);
+  run_grid<T>(s, R, KR, [&](const SimBlock& b, T* shared) {
+    device::backward<T, R, KR>(b, shared, s, static_cast<T*>(dz), static_cast<const T*>(grad_out),
+                               static_cast<const T*>(grad_h_n), static_cast<const T*>(y),
+                               static_cast<const T*>(w_hh), relu);
   });
 }
 
-// Calls fn.template operator()<T, R>() for a runtime dtype size and rows per block.
+// fn.template operator()<T, R, KR>() for a runtime dtype size, rows per block and register width
+// (the variants rnn_cuda_kernels.cu instantiates); 1 for one that does not exist.
 template <typename F>
-int dispatch(int dtype_bytes, int rows, const F& fn) {
+int dispatch(int dtype_bytes, int rows, int registers, const F& fn) {
+  auto with_registers = [&]<typename T, int R>() {
+    switch (registers) {
+      case 0: fn.template operator()<T, R, 0>(); return 0;
+      case 32: fn.template operator()<T, R, 32>(); return 0;
+      case 64: fn.template operator()<T, R, 64>(); return 0;
+      case 128:
+        if constexpr (std::is_same_v<T, float>) {
+          fn.template operator()<T, R, 128>();
+          return 0;
+        }
+        return 1;
+      default: return 1;
+    }
+  };
   auto with_rows = [&]<typename T>() {
     switch (rows) {
-      case 1: fn.template operator()<T, 1>(); return 0;
-      case 2: fn.template operator()<T, 2>(); return 0;
-      case 4: fn.template operator()<T, 4>(); return 0;
-      case 8: fn.template operator()<T, 8>(); return 0;
+      case 1: return with_registers.template operator()<T, 1>();
+      case 2: return with_registers.template operator()<T, 2>();
+      case 4: return with_registers.template operator()<T, 4>();
+      case 8: return with_registers.template operator()<T, 8>();
       default: return 1;
     }
   };
@@ -82,17 +98,22 @@ int dispatch(int dtype_bytes, int rows, const F& fn) {
 extern "C" {
 
 // `packed`: null for dense input, else the step offsets then the step sizes (host memory).
-int sim_forward(int dtype_bytes, int rows, int64_t steps, int64_t batch, int64_t hidden, const int64_t* packed,
-                void* out, const void* h0, const void* w_hh_t, void* h_n, int relu) {
+// `registers`: 0 for W_hh in shared memory, else the register width (at least hidden).
+int sim_forward(int dtype_bytes, int rows, int registers, int64_t steps, int64_t batch, int64_t hidden,
+                const int64_t* packed, void* out, const void* h0, const void* w_hh_t, void* h_n, int relu) {
+  if (registers != 0 && hidden > registers) return 1;
   const Sequence s{steps, batch, hidden, packed};
-  return dispatch(dtype_bytes, rows, [&]<typename T, int R>() { forward<T, R>(s, out, h0, w_hh_t, h_n, relu); });
+  return dispatch(dtype_bytes, rows, registers,
+                  [&]<typename T, int R, int KR>() { forward<T, R, KR>(s, out, h0, w_hh_t, h_n, relu); });
 }
 
-int sim_backward(int dtype_bytes, int rows, int64_t steps, int64_t batch, int64_t hidden, const int64_t* packed,
-                 void* dz, const void* grad_out, const void* grad_h_n, const void* y, const void* w_hh, int relu) {
+int sim_backward(int dtype_bytes, int rows, int registers, int64_t steps, int64_t batch, int64_t hidden,
+                 const int64_t* packed, void* dz, const void* grad_out, const void* grad_h_n, const void* y,
+                 const void* w_hh, int relu) {
+  if (registers != 0 && hidden > registers) return 1;
   const Sequence s{steps, batch, hidden, packed};
-  return dispatch(dtype_bytes, rows,
-                  [&]<typename T, int R>() { backward<T, R>(s, dz, grad_out, grad_h_n, y, w_hh, relu); });
+  return dispatch(dtype_bytes, rows, registers,
+                  [&]<typename T, int R, int KR>() { backward<T, R, KR>(s, dz, grad_out, grad_h_n, y, w_hh, relu); });
 }
 
 }  // extern "C"

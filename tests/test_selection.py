@@ -122,3 +122,23 @@ def test_environment_variable_with_a_bad_name_fails_loudly():
     assert "MYRNN_BACKEND" in result.stderr and "ValueError" in result.stderr
     for name in myrnn_fast.BACKENDS:
         assert name in result.stderr
+
+
+@pytest.mark.parametrize("missing", ["myrnn_fast._C", "numba"])
+def test_a_backend_that_does_not_load_leaves_the_others_working(missing):
+    # As on a machine where the extension was not built (or numba is not installed): the backend
+    # is reported unavailable with the reason, auto picks another one, and nothing else breaks.
+    name = "cpp" if missing == "myrnn_fast._C" else "numba"
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"  # makes that import fail
+        "import torch, myrnn_fast\n"
+        f"assert {name!r} not in myrnn_fast.available_backends()\n"
+        f"print(myrnn_fast.registry.unavailable_reason({name!r}))\n"
+        "rnn = myrnn_fast.RNN(2, 3)\n"
+        "out, h = rnn(torch.randn(4, 1, 2, requires_grad=True))\n"
+        "out.sum().backward()\n"
+        f"assert myrnn_fast.resolve_backend('cpu') not in ({name!r}, 'reference')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "install" in result.stdout or "build" in result.stdout

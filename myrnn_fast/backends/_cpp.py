@@ -76,7 +76,9 @@ class _EagerLayer(torch.autograd.Function):
         ops.save_layer_context(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity), out)
         return out, h_n
 
-    backward = staticmethod(ops.rnn_forward_backward)
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n):
+        return ops.rnn_forward_backward(ctx, grad_out, grad_h_n)
 
 
 def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):

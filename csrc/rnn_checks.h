@@ -30,8 +30,8 @@ struct Layout {
 inline void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "myrnn_fast: ", name, " has dtype ",
               t.scalar_type(), " but the input has dtype ", like.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "myrnn_fast: ", name, " is on ", t.device(),
-              " but the input is on ", like.device());
+  TORCH_CHECK(t.device() == like.device(), "myrnn_fast: ", name, " is on device ", t.device(),
+              " but the input is on device ", like.device());
 }
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {

@@ -447,7 +447,9 @@ class RNNCell(nn.Module):
         w = self.weight_ih
         for t, name in ((x, "input"), (hx, "hidden")):
             if t.device != w.device:
-                raise RuntimeError(f"RNNCell {name} is on {t.device} but its parameters are on {w.device}")
+                raise RuntimeError(
+                    f"RNNCell {name} is on device {t.device} but its parameters are on device {w.device}"
+                )
             if t.dtype != w.dtype:
                 raise RuntimeError(
                     f"RNNCell {name} dtype ({t.dtype}) does not match weight dtype ({w.dtype}); "

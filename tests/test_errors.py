@@ -235,3 +235,16 @@ def test_messages_name_the_problem():
         rnn(_x(5, 2, 3), _x(1, 2, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="input must be a Tensor"):
         rnn("not a tensor")
+
+
+@pytest.mark.parametrize("where", ["input", "hx"])
+def test_cell_device_mismatch_names_the_device(backend, where):
+    # The words test_odd_inputs.py expects of the CUDA case (meta stands in for the GPU here).
+    cell = myrnn_fast.RNNCell(3, 4, backend=backend)
+    x, hx = _x(2, 3), _x(2, 4)
+    if where == "input":
+        x = x.to("meta")
+    else:
+        hx = hx.to("meta")
+    with pytest.raises(RuntimeError, match="device"):
+        cell(x, hx)

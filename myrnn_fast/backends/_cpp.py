@@ -3,8 +3,8 @@
 Where a time step happens: on the CPU, ``csrc/rnn_cpu_kernels.cpp`` (``forward`` / ``backward``,
 register-tiled for small hidden sizes) or, for large ones, the per-step BLAS loop of
 ``csrc/rnn_layer.h``; on CUDA (when the extension was built with it), the persistent kernels of
-``csrc/rnn_cuda_kernels.cu`` (one launch per sequence, W_hh in shared memory) or the same per-step
-loop on cuBLAS. The ops and their autograd are declared in :mod:`myrnn_fast.ops`. The kernels cover
+``csrc/rnn_cuda_device.cuh`` (one launch per sequence, W_hh in registers or shared memory) or the
+same per-step loop on cuBLAS. The ops and their autograd are declared in :mod:`myrnn_fast.ops`. The kernels cover
 float32 and float64 (float16 and bfloat16 computed in float32); complex RNNs, which torch.nn also
 accepts, run through the torch backend's vectorized loop instead.
 """

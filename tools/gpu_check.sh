@@ -6,7 +6,8 @@
 # test-only dependencies (hypothesis) from a directory of wheels first. TESTS="tests/test_a.py
 # tests/test_b.py -k cuda" replaces the default test selection (the CUDA suite and the CUDA cases
 # elsewhere); CUDA_SHAPES="T,B,I,H ..." the GPU preset's shapes; TEST_SECONDS, BENCH_SECONDS (GPU)
-# and CPU_BENCH_SECONDS bound each stage (CPU_BENCH_SECONDS=0 skips the CPU benchmark).
+# and CPU_BENCH_SECONDS bound each stage (CPU_BENCH_SECONDS=0 skips the CPU benchmark);
+# TARBALL=FILE packs $OUT into one .tar.gz at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
@@ -45,3 +46,5 @@ if [ "${CPU_BENCH_SECONDS:-150}" != 0 ]; then
   echo "bench cpu exit $?" | tee -a "$OUT/steps.txt"
 fi
 step done
+# TARBALL=FILE packs everything into one file (the device tool returns only a few files).
+if [ -n "${TARBALL:-}" ]; then tar czf "$TARBALL" -C "$(dirname "$OUT")" "$(basename "$OUT")"; fi

@@ -7,7 +7,8 @@
 //    Batch rows never interact, so each thread of ATen's pool runs the whole sequence for its
 //    own share of rows: no synchronization per step at all;
 //  - for large hidden sizes with large batches, one BLAS GEMM per step (multi-threaded by the
-//    BLAS) written in place, then the vectorized nonlinearity, split over ATen's pool.
+//    BLAS) written in place, then the vectorized nonlinearity, split over ATen's pool: the loop
+//    of rnn_layer.h, which the CUDA ops share, as they share its gradient GEMMs.
 
 #include "rnn_cpu.h"
 

@@ -119,11 +119,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
                                                c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
   const Layout l = layer_layout(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes);
-  if (is_reduced(x)) {
-    auto [out, h_n] = rnn_forward(widen(x), widen(h0), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh),
-                                  batch_sizes, nonlinearity);
-    return {out.to(x.scalar_type()), h_n.to(x.scalar_type())};
-  }
+  if (is_reduced(x))
+    return in_float32(rnn_forward, x.scalar_type(), x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity);
   const int64_t H = l.hidden;
   const at::Tensor rows = x.reshape({l.rows, l.input});
   const std::optional<at::Tensor> bias = b_ih ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
@@ -171,13 +168,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const Layout l = layer_layout(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, batch_sizes);
   const int64_t H = l.hidden, B = l.batch, N = l.rows;
   const auto [go, ghn] = incoming_grads(grad_out, grad_h_n, x, out, l);
-  if (is_reduced(x)) {
-    auto grads = rnn_backward(widen(grad_out), widen(grad_h_n), widen(x), widen(h0), widen(w_ih), widen(w_hh),
-                              widen(out), batch_sizes, nonlinearity, need_grad_x);
-    const auto back = [&](const at::Tensor& g) { return g.to(x.scalar_type()); };
-    return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads)), back(std::get<3>(grads)),
-            back(std::get<4>(grads))};
-  }
+  if (is_reduced(x))
+    return in_float32(rnn_backward, x.scalar_type(), grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes,
+                      nonlinearity, need_grad_x);
   const at::Tensor y = out.reshape({N, H}).contiguous();
   const at::Tensor w = w_hh.contiguous();
   at::Tensor dz = at::empty({N, H}, y.options());
@@ -210,9 +203,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
                     c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
   const CellShape l = cell_shape(x, h, w_ih, w_hh, b_ih, b_hh);
-  if (is_reduced(x))
-    return rnn_cell(widen(x), widen(h), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh), nonlinearity)
-        .to(x.scalar_type());
+  if (is_reduced(x)) return in_float32(rnn_cell, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
   const int64_t B = l.batch, I = l.input, H = l.hidden;
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_cell", [&] {

@@ -96,11 +96,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   check_cuda(x, "rnn_forward");
   const c10::cuda::CUDAGuard guard(x.device());
   refuse_packed_capture(l);
-  if (is_reduced(x)) {
-    auto [out, h_n] = rnn_forward(widen(x), widen(h0), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh),
-                                  batch_sizes, nonlinearity);
-    return {out.to(x.scalar_type()), h_n.to(x.scalar_type())};
-  }
+  if (is_reduced(x))
+    return in_float32(rnn_forward, x.scalar_type(), x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity);
   const int64_t H = l.hidden;
   const at::Tensor rows = x.reshape({l.rows, l.input});
   // The input projection of every step at once; the recurrence then updates it in place.
@@ -141,13 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const c10::cuda::CUDAGuard guard(x.device());
   refuse_packed_capture(l);
   const auto [go, ghn] = incoming_grads(grad_out, grad_h_n, x, out, l);
-  if (is_reduced(x)) {
-    auto grads = rnn_backward(widen(grad_out), widen(grad_h_n), widen(x), widen(h0), widen(w_ih), widen(w_hh),
-                              widen(out), batch_sizes, nonlinearity, need_grad_x);
-    const auto back = [&](const at::Tensor& g) { return g.to(x.scalar_type()); };
-    return {back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads)), back(std::get<3>(grads)),
-            back(std::get<4>(grads))};
-  }
+  if (is_reduced(x))
+    return in_float32(rnn_backward, x.scalar_type(), grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes,
+                      nonlinearity, need_grad_x);
   const int64_t H = l.hidden, N = l.rows;
   const at::Tensor y = out.reshape({N, H}).contiguous();
   const at::Tensor w = w_hh.contiguous();
@@ -183,9 +176,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
   cell_shape(x, h, w_ih, w_hh, b_ih, b_hh);
   check_cuda(x, "rnn_cell");
   const c10::cuda::CUDAGuard guard(x.device());
-  if (is_reduced(x))
-    return rnn_cell(widen(x), widen(h), widen(w_ih), widen(w_hh), widen(b_ih), widen(b_hh), nonlinearity)
-        .to(x.scalar_type());
+  if (is_reduced(x)) return in_float32(rnn_cell, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
   // Two cuBLAS calls and one elementwise kernel: a step has no sequence to keep on chip.
   at::Tensor y = (b_ih ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t())).contiguous();
   y.addmm_(h, w_hh.t());

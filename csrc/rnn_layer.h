@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -18,10 +19,31 @@ namespace myrnn_fast {
 inline bool is_reduced(const at::Tensor& x) {
   return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
 }
-inline at::Tensor widen(const at::Tensor& t) { return t.to(at::kFloat); }
+
+// An op's arguments as in_float32 passes them on: floating tensors in float32, the rest as they are.
+inline at::Tensor widen(const at::Tensor& t) {
+  return t.defined() && t.is_floating_point() ? t.to(at::kFloat) : t;
+}
 inline std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
-  if (t && t->defined()) return t->to(at::kFloat);
+  if (t) return widen(*t);
   return t;
+}
+template <typename T>
+const T& widen(const T& value) {
+  return value;
+}
+
+inline at::Tensor round_to(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype); }
+template <typename... Tensors>
+std::tuple<Tensors...> round_to(const std::tuple<Tensors...>& results, at::ScalarType dtype) {
+  return std::apply([&](const auto&... t) { return std::tuple<Tensors...>(t.to(dtype)...); }, results);
+}
+
+// op(args...) computed in float32, its tensor results rounded to `dtype`: how the CPU and CUDA ops
+// run float16 / bfloat16.
+template <typename Op, typename... Args>
+auto in_float32(const Op& op, at::ScalarType dtype, const Args&... args) {
+  return round_to(op(widen(args)...), dtype);
 }
 
 // A host vector of indices as an int64 tensor on `device`. To a GPU it goes from pinned memory

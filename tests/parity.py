@@ -11,6 +11,29 @@ import myrnn_fast
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
+def randn(*shape, dtype=torch.float64, seed=0, grad=True, device="cpu"):
+    """Seeded normal values (scaled by 0.5), drawn on the CPU so every device sees the same ones."""
+    g = torch.Generator().manual_seed(seed)
+    t = (0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+    return t.requires_grad_(grad)
+
+
+def layer_args(T=4, B=3, I=2, H=5, dtype=torch.float64, bias=True, packed=False, nonlinearity="tanh", device="cpu"):
+    """Arguments of the ``rnn_forward`` op: dense [T, B, I] input, or packed rows with batch sizes
+    B, B-1, ... (at least 1)."""
+    def draw(*shape, seed):
+        return randn(*shape, dtype=dtype, seed=seed, device=device)
+
+    if packed:
+        sizes = torch.tensor([B] + [max(1, B - t) for t in range(1, T)])
+        x = draw(int(sizes.sum()), I, seed=1)
+    else:
+        sizes = None
+        x = draw(T, B, I, seed=1)
+    b = (draw(H, seed=4), draw(H, seed=5)) if bias else (None, None)
+    return (x, draw(B, H, seed=2), draw(H, I, seed=3), draw(H, H, seed=6), *b, sizes, nonlinearity)
+
+
 def _pair(ref_cls, our_cls, backend, args, kwargs, dtype, seed):
     torch.manual_seed(seed)
     ref = ref_cls(*args, dtype=dtype, **kwargs)

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_sequence
 import myrnn_fast
 from myrnn_fast import registry
 
-from parity import check_module, rnn_pair, cell_pair
+from parity import cell_pair, check_module, layer_args as _layer_args, randn as _randn, rnn_pair
 
 pytestmark = pytest.mark.skipif(
     registry.unavailable_reason("cpp") is not None, reason=f"cpp: {registry.unavailable_reason('cpp')}"
@@ -26,23 +26,6 @@ if registry.unavailable_reason("cpp") is None:
     ISAS = _C.cpu_isas()
 else:
     ISAS = []
-
-
-def _randn(*shape, dtype=torch.float64, seed=0, grad=True):
-    g = torch.Generator().manual_seed(seed)
-    return (0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(grad)
-
-
-def _layer_args(T=4, B=3, I=2, H=5, dtype=torch.float64, bias=True, packed=False, nonlinearity="tanh"):
-    if packed:
-        sizes = torch.tensor([B] + [max(1, B - t) for t in range(1, T)])
-        x = _randn(int(sizes.sum()), I, dtype=dtype, seed=1)
-    else:
-        sizes = None
-        x = _randn(T, B, I, dtype=dtype, seed=1)
-    b = (_randn(H, dtype=dtype, seed=4), _randn(H, dtype=dtype, seed=5)) if bias else (None, None)
-    return (x, _randn(B, H, dtype=dtype, seed=2), _randn(H, I, dtype=dtype, seed=3),
-            _randn(H, H, dtype=dtype, seed=6), *b, sizes, nonlinearity)
 
 
 @pytest.fixture(params=list(itertools.product(ISAS, ["kernel", "blas"])), ids=lambda p: "-".join(p))

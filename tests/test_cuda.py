@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_sequence
 import myrnn_fast
 from myrnn_fast import registry
 
-from parity import assert_close, cell_pair, check_module, rnn_pair
+from parity import assert_close, cell_pair, check_module, layer_args, randn, rnn_pair
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -64,10 +64,12 @@ def rows_per_block(request):
     _C.set_cuda_path("auto")
 
 
-def _randn(*shape, dtype=torch.float64, seed=0, grad=True, device=CUDA):
-    g = torch.Generator().manual_seed(seed)
-    t = (0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
-    return t.requires_grad_(grad)
+def _randn(*shape, device=CUDA, **kwargs):
+    return randn(*shape, device=device, **kwargs)
+
+
+def _layer_args(**kwargs):
+    return layer_args(I=I, device=CUDA, **kwargs)
 
 
 def dense(T, B, H, layers=1, directions=1, dtype=torch.float64, batch_first=False, with_hx=True):
@@ -219,22 +221,10 @@ def test_cell(bias, nonlinearity, B):
 # ---- gradcheck and opcheck ----------------------------------------------------------------
 
 
-def _layer_args(T=4, B=3, H=5, dtype=torch.float64, bias=True, packed_input=False, nonlinearity="tanh"):
-    if packed_input:
-        sizes = torch.tensor([B] + [max(1, B - t) for t in range(1, T)])
-        x = _randn(int(sizes.sum()), I, dtype=dtype, seed=1)
-    else:
-        sizes = None
-        x = _randn(T, B, I, dtype=dtype, seed=1)
-    b = (_randn(H, dtype=dtype, seed=4), _randn(H, dtype=dtype, seed=5)) if bias else (None, None)
-    return (x, _randn(B, H, dtype=dtype, seed=2), _randn(H, I, dtype=dtype, seed=3),
-            _randn(H, H, dtype=dtype, seed=6), *b, sizes, nonlinearity)
-
-
 @pytest.mark.parametrize("packed_input", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_gradcheck(path, packed_input, nonlinearity):
-    args = _layer_args(H=6, packed_input=packed_input, nonlinearity=nonlinearity)
+    args = _layer_args(H=6, packed=packed_input, nonlinearity=nonlinearity)
 
     def fn(*t):
         return ops.rnn_forward(*t, args[6], args[7])
@@ -251,14 +241,14 @@ def test_gradcheck_cell():
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_opcheck_forward(path, packed_input, bias, dtype):
-    args = _layer_args(dtype=dtype, bias=bias, packed_input=packed_input)
+    args = _layer_args(dtype=dtype, bias=bias, packed=packed_input)
     torch.library.opcheck(torch.ops.myrnn_fast.rnn_forward.default, args)
 
 
 @pytest.mark.parametrize("packed_input", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("grads", ["both", "out only", "h_n only"])
 def test_opcheck_backward(path, packed_input, grads):
-    x, h0, w_ih, w_hh, b_ih, b_hh, sizes, nl = _layer_args(packed_input=packed_input)
+    x, h0, w_ih, w_hh, b_ih, b_hh, sizes, nl = _layer_args(packed=packed_input)
     with torch.no_grad():
         out, h_n = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, sizes, nl)
     grad_out = _randn(*out.shape, seed=7, grad=False) if grads != "h_n only" else None
@@ -300,7 +290,7 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("packed_input", [False, True], ids=["dense", "packed"])
 def test_no_host_synchronization(path, packed_input):
     # torch raises on anything that would make the host wait for the GPU.
-    args = _layer_args(H=40, packed_input=packed_input)
+    args = _layer_args(H=40, packed=packed_input)
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -8,6 +8,7 @@
 
 __version__ = "0.1.0"
 
+from . import config
 from .modules import RNN, RNNCell
 from .registry import (
     BACKENDS,
@@ -25,6 +26,7 @@ __all__ = [
     "RNNCell",
     "BackendUnavailableError",
     "available_backends",
+    "config",
     "get_backend",
     "resolve_backend",
     "set_backend",

@@ -10,7 +10,7 @@ from importlib import metadata
 
 import torch
 
-from . import __version__, registry
+from . import __version__, config, registry
 
 
 def extension_info() -> dict:
@@ -53,6 +53,7 @@ def collect_info() -> dict:
         "default_backend": registry.get_backend(),
         "resolved": resolved,
         "numba_kernels": numba_kernels_info(),
+        "config": config.describe(),
     }
 
 
@@ -92,6 +93,10 @@ def _print_info(info: dict) -> None:
     print(f"default: {info['default_backend']} (MYRNN_BACKEND)")
     for device, name in info["resolved"].items():
         print(f"  {device} tensors run on: {name}")
+    print("configuration (myrnn_fast.config; each knob's variable sets it at import)")
+    for knob in info["config"]:
+        origin = "" if knob["source"] == "default" else f", from {knob['source']}; default {knob['default']}"
+        print(f"  {knob['name']:<30} {knob['value']!s:<8} {knob['env']}{origin}")
 
 
 def _cmd_info(args) -> int:

@@ -7,9 +7,9 @@ Every backend is a module under ``myrnn_fast.backends`` that provides
   sentence saying why not and how to get it;
 - ``layer(...)`` (and optionally ``cell(...)``), the kernel contract of ``myrnn_fast.backends``.
 
-The process default comes from ``MYRNN_BACKEND`` at import time (``auto`` when unset), can be
-changed with :func:`set_backend` or, for a block, :func:`use_backend`; a module's ``backend=``
-argument overrides it for that module.
+The process default is the ``backend`` knob of :mod:`myrnn_fast.config` (``MYRNN_BACKEND`` at
+import time, ``auto`` when unset), changed with :func:`set_backend` (or ``config.set``) or, for a
+block, :func:`use_backend`; a module's ``backend=`` argument overrides it for that module.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import os
 from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
-BACKENDS = ("reference", "torch", "numba", "cpp")
+from . import config
+from .config import BACKENDS
+
 AUTO = "auto"
 
 # What `auto` tries, fastest first. The reference loop comes last: it is the oracle, not a choice.
@@ -95,15 +96,19 @@ def _runs_on(name: str, device_type: str) -> bool:
     return types is None or device_type in types
 
 
-def _from_env() -> str:
-    value = os.environ.get("MYRNN_BACKEND", "").strip() or AUTO
-    try:
-        return check_name(value)
-    except ValueError as exc:
-        raise ValueError(f"MYRNN_BACKEND: {exc}") from None
+# The process default, mirrored from the config knob: a plain global is what torch.compile guards
+# on cheaply, and the hot path reads it on every call.
+_default: str = config.get("backend")
 
 
-_default = _from_env()
+def _apply_default(knob: str, name: str) -> None:
+    global _default
+    if name != AUTO:
+        _require(name)  # an unusable backend is refused, and config keeps the previous value
+    _default = name
+
+
+config.bind("registry", _apply_default, now=False)  # the import only checks the name
 
 
 def get_backend() -> str:
@@ -113,23 +118,14 @@ def get_backend() -> str:
 
 def set_backend(name: str) -> None:
     """Set the process default to ``'auto'`` or a backend name that is usable here."""
-    global _default
-    check_name(name)
-    if name != AUTO:
-        _require(name)
-    _default = name
+    config.set("backend", check_name(name))
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """``with use_backend("torch"): ...`` sets the process default and restores it on exit."""
-    global _default
-    previous = _default
-    set_backend(name)
-    try:
+    with config.override(backend=check_name(name)):
         yield name
-    finally:
-        _default = previous
 
 
 def resolve_backend(device: torch.device | str | None = None, name: str | None = None) -> str:

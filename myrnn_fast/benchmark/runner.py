@@ -83,7 +83,7 @@ def run(
     progress: Callable[[str], None] | None = None,
     preset: str | None = None,
 ) -> dict:
-    """Time ``grid`` and return ``{"machine", "config", "results", "skipped"}`` (see the README).
+    """Time ``grid`` and return ``{"machine", "config", "results", "skipped"}`` (see docs/benchmarks.md).
 
     ``backends=None`` times every backend usable on ``device``; the others are listed in
     ``skipped`` with the reason, as are the reference loop's shapes that would take too long.

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import registry
+from . import export, registry
 
 _MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
 
@@ -225,6 +225,8 @@ class RNN(nn.Module):
         directions = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
         if packed:
+            if export.recording():  # its batch sizes are data: a graph would freeze them
+                raise export.packed_input_error()
             x, batch_sizes, sorted_indices, unsorted_indices = input
             batch = int(batch_sizes[0])
         else:

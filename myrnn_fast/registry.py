@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from . import config
+from . import config, export
 from .config import BACKENDS
 
 AUTO = "auto"
@@ -144,9 +144,13 @@ def kernels(device: torch.device, name: str | None = None) -> ModuleType:
     modules' forward, where it runs on every call and so is cached."""
     requested = _default if name is None else name
     if not torch.compiler.is_compiling():
+        if torch._C._is_tracing():  # torch.jit.trace records the extension's op (myrnn_fast.export)
+            return export
         found = _KERNELS.get((requested, device.type))  # the hot path: one lookup once resolved
         if found is not None:
             return found
+    elif torch.compiler.is_exporting():  # so does torch.export, whatever the backend
+        return export
     # While dynamo traces, _resolved_name runs eagerly and may fill _KERNELS: a guard on that
     # dict read before it would fail on the frame that created it. _LOADED is read after.
     return _LOADED[_resolved_name(requested, device.type)]

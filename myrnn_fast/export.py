@@ -4,10 +4,11 @@
 see; neither can look inside a pybind11 call, a Python ``autograd.Function`` with list
 arguments, or a Numba kernel, and a per-step Python loop is recorded unrolled at the example's
 length. So while a trace or an export is being recorded, every backend's layer is recorded as
-the extension's registered op ``torch.ops.myrnn_fast.rnn_forward`` (and a cell step as
-``torch.ops.myrnn_fast.rnn_cell``): one node per layer and direction, with symbolic ``T`` and
-``B``, which the extension's kernels run at deployment (TorchScript, ``torch.export``,
-AOTInductor) and :mod:`myrnn_fast.onnx` translates to ONNX's ``RNN`` operator.
+the extension's registered op ``torch.ops.myrnn_fast.rnn_forward``: one node per layer and
+direction, with symbolic ``T`` and ``B``, which the extension's kernels run at deployment
+(TorchScript, ``torch.export``, AOTInductor). Under ``torch.onnx.export`` the layer is recorded
+as ONNX's own ``RNN`` node instead (:mod:`myrnn_fast.onnx`), which needs no extension. A cell
+step (``RNNCell``) is recorded as ATen's composite cell, which every route runs as it is.
 
 The backend chosen for the module still runs every eager call. Where the extension does not
 load, a trace or export fails at once with :class:`DeploymentError`, naming what works.
@@ -72,9 +73,17 @@ def layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes=None):
     if batch_sizes is not None:
         raise packed_input_error()
     _check_dtype(x)
+    if torch.onnx.is_in_onnx_export():
+        from . import onnx
+
+        if torch.compiler.is_exporting():  # torch.onnx.export(dynamo=True): ONNX's RNN node itself
+            return onnx.rnn_node(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+        onnx.register_legacy_symbolic()  # dynamo=False: the trace's op, converted afterwards
     return _ops().rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, None, nonlinearity)
 
 
 def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
-    _check_dtype(x)
-    return _ops().rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    """One step has no time axis to freeze: ATen's composite cell records as plain operations
+    (matrix products, the nonlinearity) that every route runs without the extension."""
+    step = torch.rnn_relu_cell if nonlinearity == "relu" else torch.rnn_tanh_cell
+    return step(x, h, w_ih, w_hh, b_ih, b_hh)

@@ -9,7 +9,9 @@
 __version__ = "0.1.0"
 
 from . import config
+from .export import DeploymentError
 from .modules import RNN, RNNCell
+from .onnx import export_onnx, onnx_translation_table
 from .registry import (
     BACKENDS,
     BackendUnavailableError,
@@ -25,9 +27,12 @@ __all__ = [
     "RNN",
     "RNNCell",
     "BackendUnavailableError",
+    "DeploymentError",
     "available_backends",
     "config",
+    "export_onnx",
     "get_backend",
+    "onnx_translation_table",
     "resolve_backend",
     "set_backend",
     "use_backend",

@@ -45,9 +45,10 @@ def _ops():
     if _cpp.ops is None:
         raise DeploymentError(
             f"{_route()} of a myrnn_fast model records the op torch.ops.myrnn_fast.rnn_forward, "
-            f"which needs the C++ extension: {_cpp.unavailable_reason()}. Without it, load the "
-            "model's state_dict into torch.nn.RNN (same parameter names and shapes) and trace or "
-            "export that, or use the model eagerly."
+            f"which needs the C++ extension: {_cpp.unavailable_reason()}. Without it, "
+            "torch.onnx.export(model, args, dynamo=True) works (ONNX's own RNN operator); for "
+            "TorchScript or torch.export, load the model's state_dict into torch.nn.RNN (same "
+            "parameter names and shapes) and trace or export that."
         )
     return _cpp.ops
 

@@ -31,13 +31,13 @@ pytestmark = [
 HAS_EXTENSION = _cpp.ops is not None
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
 
-# Small shapes: the example is (T=7, B=3); every check runs at (T=11, B=5) and (T=2, B=1).
+# Small shapes: the example is (T=7, B=3); every check runs at (T=11, B=5) and (T=1, B=1).
 I, H = 4, 5
 CONFIGS = {
     "2layers-bidir": dict(num_layers=2, bidirectional=True),
     "batchfirst-relu-nobias": dict(batch_first=True, nonlinearity="relu", bias=False),
 }
-NEW_SIZES = [(11, 5), (2, 1)]
+NEW_SIZES = [(11, 5), (1, 1)]
 
 
 def _model(backend, **kwargs):

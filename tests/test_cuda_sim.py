@@ -15,6 +15,7 @@ import pytest
 import torch
 
 SOURCE = Path(__file__).parent / "cuda_sim" / "sim.cpp"
+CSRC = Path(__file__).parent.parent / "csrc"  # the kernels include each other as "kernels/..."
 COMPILER = shutil.which("c++") or shutil.which("g++")
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no host C++ compiler to build the simulation")
 
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.skipif(COMPILER is None, reason="no host C++ compiler t
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     library = tmp_path_factory.mktemp("cuda_sim") / "sim.so"
-    command = [COMPILER, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", str(SOURCE), "-o", str(library)]
+    command = [COMPILER, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-I", str(CSRC), str(SOURCE),
+               "-o", str(library)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(library))
     for fn in (lib.sim_forward, lib.sim_backward):

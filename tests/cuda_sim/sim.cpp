@@ -1,9 +1,9 @@
-// The persistent CUDA kernels' bodies (csrc/rnn_cuda_device.cuh) run on the CPU: one std::thread
+// The persistent CUDA kernels' bodies (csrc/kernels/cuda/rnn_cuda_device.cuh) run on the CPU: one std::thread
 // per CUDA thread, std::barrier for __syncthreads, the blocks of a grid one after another, and
 // shared memory poisoned with NaN so that reading an entry nobody wrote shows in the results.
 // tests/test_cuda_sim.py builds this with the host compiler and checks it against torch, so the
 // kernels' indexing, packed-sequence bookkeeping and barrier placement are tested without a GPU.
-#include "../../csrc/rnn_cuda_device.cuh"
+#include "kernels/cuda/rnn_cuda_device.cuh"  // tests/test_cuda_sim.py puts csrc/ on the include path
 
 #include <barrier>
 #include <cstdlib>

@@ -7,7 +7,7 @@
 // vectors of columns keeps its accumulators in registers across the whole k loop, and the
 // nonlinearity is applied to those registers before the single store.
 
-#include "rnn_cpu_kernels.h"
+#include "kernels/cpu/rnn_cpu_kernels.h"
 
 #include <algorithm>
 #include <cmath>

@@ -13,9 +13,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "rnn_cpu.h"
+#include "ops/rnn_cpu.h"
 #ifdef MYRNN_WITH_CUDA
-#include "rnn_cuda.h"
+#include "ops/rnn_cuda.h"
 #endif
 
 #include <sstream>

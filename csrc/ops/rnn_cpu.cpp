@@ -10,11 +10,11 @@
 //    BLAS) written in place, then the vectorized nonlinearity, split over ATen's pool: the loop
 //    of rnn_layer.h, which the CUDA ops share, as they share its gradient GEMMs.
 
-#include "rnn_cpu.h"
+#include "ops/rnn_cpu.h"
 
-#include "rnn_checks.h"
-#include "rnn_cpu_kernels.h"
-#include "rnn_layer.h"
+#include "ops/rnn_checks.h"
+#include "kernels/cpu/rnn_cpu_kernels.h"
+#include "ops/rnn_layer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

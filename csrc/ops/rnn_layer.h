@@ -4,7 +4,7 @@
 // (MKL/OpenBLAS or cuBLAS, on the current stream); the caller passes its own elementwise kernels.
 #pragma once
 
-#include "rnn_checks.h"
+#include "ops/rnn_checks.h"
 
 #include <ATen/ATen.h>
 

@@ -9,11 +9,11 @@
 // Everything runs on the current stream of the input's device, with no host synchronization:
 // packed layouts reach the GPU through pinned memory without blocking.
 
-#include "rnn_cuda.h"
+#include "ops/rnn_cuda.h"
 
-#include "rnn_checks.h"
-#include "rnn_cuda_kernels.h"
-#include "rnn_layer.h"
+#include "ops/rnn_checks.h"
+#include "kernels/cuda/rnn_cuda_kernels.h"
+#include "ops/rnn_layer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

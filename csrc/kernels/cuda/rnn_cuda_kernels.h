@@ -4,7 +4,7 @@
 // the stream it is given and returns the launch's error instead of throwing.
 #pragma once
 
-#include "rnn_cuda_device.cuh"  // Sequence
+#include "kernels/cuda/rnn_cuda_device.cuh"  // Sequence
 
 #include <cuda_runtime_api.h>
 

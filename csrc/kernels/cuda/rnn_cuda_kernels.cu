@@ -4,6 +4,8 @@
 
 #include "kernels/cuda/rnn_cuda_kernels.h"
 
+#include "kernels/cuda/rnn_cuda_device.cuh"
+
 #include <algorithm>
 #include <limits>
 #include <map>

@@ -1,6 +1,7 @@
 """The cpp backend's ops as torch sees them: opcheck, torch.compile(fullgraph=True), and parity for
 every instruction set and both recurrence paths the extension can take on this machine."""
 
+import contextlib
 import itertools
 import json
 import os
@@ -28,16 +29,25 @@ else:
     ISAS = []
 
 
-@pytest.fixture(params=list(itertools.product(ISAS, ["kernel", "blas"])), ids=lambda p: "-".join(p))
+@contextlib.contextmanager
+def knobs_set(**values):
+    """Set the extension's knobs (``_C.set_knob``) for the block, then restore their values."""
+    before = _C.knobs()
+    try:
+        for name, value in values.items():
+            _C.set_knob(name, value)
+        yield
+    finally:
+        for name in values:
+            _C.set_knob(name, before[name])
+
+
+@pytest.fixture(params=list(itertools.product(ISAS, ["tiles", "gemm"])), ids=lambda p: "-".join(p))
 def isa_path(request):
     """Run the test with one instruction set and one recurrence path forced, then restore."""
     isa, path = request.param
-    before = _C.cpu_isa(), _C.cpu_path()
-    _C.set_cpu_isa(isa)
-    _C.set_cpu_path(path)
-    yield request.param
-    _C.set_cpu_isa(before[0])
-    _C.set_cpu_path(before[1])
+    with knobs_set(cpu_isa=isa, cpu_path=path):
+        yield request.param
 
 
 # ---- opcheck: schemas, fake implementations, autograd registration -------------------------
@@ -225,16 +235,40 @@ def test_torch_compile_inductor_runs_the_op():
 
 
 def test_build_info_names_the_isa_in_use():
-    info = json.loads(_C.build_info())
-    assert info["cpu_isa"] == _C.cpu_isa() in ISAS
+    assert _C.knobs()["cpu_isa"] == "auto"
+    assert json.loads(_C.build_info())["cpu_isa"] == ISAS[-1]  # auto: the best one
+    for isa in ISAS:
+        with knobs_set(cpu_isa=isa):
+            assert _C.knobs()["cpu_isa"] == isa
+            assert json.loads(_C.build_info())["cpu_isa"] == isa
     assert ISAS[0] == "baseline"
 
 
+def test_knobs_report_every_knob_with_its_default():
+    defaults = {"cpu_isa": "auto", "cpu_path": "auto", "cpu_tiles_max_hidden": 512, "cpu_tiles_max_batch": 16,
+                "cpu_parallel_min_work": 131072, "cpu_cell_gil_release_min_work": 65536}
+    if json.loads(_C.build_info())["cuda"]:
+        defaults.update(cuda_path="auto", cuda_rows_per_block=0)
+    assert _C.knobs() == defaults
+    with knobs_set(cpu_path="gemm", cpu_tiles_max_hidden=7):
+        assert _C.knobs() == {**defaults, "cpu_path": "gemm", "cpu_tiles_max_hidden": 7}
+    assert _C.knobs() == defaults
+
+
 def test_bad_knob_values_raise_value_error():
-    with pytest.raises(ValueError, match="instruction set"):
-        _C.set_cpu_isa("sse9")
-    with pytest.raises(ValueError, match="path"):
-        _C.set_cpu_path("gpu")
+    # Each error lists what would have been valid.
+    with pytest.raises(ValueError, match="cpu_isa must be one of auto, baseline"):
+        _C.set_knob("cpu_isa", "sse9")
+    with pytest.raises(ValueError, match="cpu_path must be one of auto, tiles, gemm; got 'gpu'"):
+        _C.set_knob("cpu_path", "gpu")
+    with pytest.raises(ValueError, match="cpu_path must be one of .*; got 1"):
+        _C.set_knob("cpu_path", 1)
+    with pytest.raises(ValueError, match="unknown knob 'cpu_paths'; the knobs are .*cpu_isa, .*cpu_path"):
+        _C.set_knob("cpu_paths", "gemm")
+    for bad in (-1, "12", 1.5, True, 2**70):
+        with pytest.raises(ValueError, match="cpu_tiles_max_hidden must be an integer >= 0"):
+            _C.set_knob("cpu_tiles_max_hidden", bad)
+    assert _C.knobs()["cpu_path"] == "auto" and _C.knobs()["cpu_tiles_max_hidden"] == 512
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -311,7 +345,7 @@ def test_torch_compile_in_a_fresh_process():
 @pytest.mark.parametrize("grads", ["both", "out only", "h_n only", "neither"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_backward_paths_agree_for_every_incoming_grad(packed, grads, nonlinearity):
-    # The per-step GEMM loop (rnn_layer.h, shared with CUDA) against the register-tiled kernel,
+    # Path "gemm" (the per-step GEMM loop of ops/rnn_layer.h, shared with CUDA) against "tiles",
     # with autograd's undefined gradients in every combination.
     x, h0, w_ih, w_hh, _, _, sizes, _ = _layer_args(T=5, B=4, H=7, packed=packed, bias=False)
     detached = [t.detach() for t in (x, h0, w_ih, w_hh)]
@@ -319,14 +353,10 @@ def test_backward_paths_agree_for_every_incoming_grad(packed, grads, nonlinearit
     grad_out = _randn(*out.shape, seed=7, grad=False) if grads in ("both", "out only") else None
     grad_h_n = _randn(*h_n.shape, seed=8, grad=False) if grads in ("both", "h_n only") else None
     results = {}
-    before = _C.cpu_path()
-    try:
-        for path in ("kernel", "blas"):
-            _C.set_cpu_path(path)
+    for path in ("tiles", "gemm"):
+        with knobs_set(cpu_path=path):
             results[path] = ops.rnn_backward(grad_out, grad_h_n, *detached, out, sizes, nonlinearity, True)
-    finally:
-        _C.set_cpu_path(before)
-    for name, a, b in zip(("x", "h0", "w_ih", "w_hh", "b"), results["kernel"], results["blas"]):
+    for name, a, b in zip(("x", "h0", "w_ih", "w_hh", "b"), results["tiles"], results["gemm"]):
         torch.testing.assert_close(b, a, msg=lambda m: f"grad of {name}: {m}")
     if grads == "neither":
-        assert all(torch.count_nonzero(g) == 0 for g in results["blas"])
+        assert all(torch.count_nonzero(g) == 0 for g in results["gemm"])

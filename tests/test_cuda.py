@@ -14,6 +14,7 @@ import myrnn_fast
 from myrnn_fast import registry
 
 from parity import assert_close, cell_pair, check_module, layer_args, randn, rnn_pair
+from test_cpp import knobs_set
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -42,9 +43,8 @@ def exact_float32():
 def path(request):
     """Force one recurrence path for the test, then go back to choosing: the persistent kernels with
     W_hh in registers or in shared memory, or the per-step cuBLAS loop."""
-    _C.set_cuda_path(request.param)
-    yield request.param
-    _C.set_cuda_path("auto")
+    with knobs_set(cuda_path=request.param):
+        yield request.param
 
 
 def skip_unless_fits(path, H, dtype):
@@ -57,11 +57,8 @@ def skip_unless_fits(path, H, dtype):
                 ids=lambda rp: f"rows{rp[0]}-{rp[1]}")
 def rows_per_block(request):
     rows, path = request.param
-    _C.set_cuda_path(path)
-    _C.set_cuda_rows_per_block(rows)
-    yield rows
-    _C.set_cuda_rows_per_block(0)
-    _C.set_cuda_path("auto")
+    with knobs_set(cuda_path=path, cuda_rows_per_block=rows):
+        yield rows
 
 
 def _randn(*shape, device=CUDA, **kwargs):
@@ -304,16 +301,13 @@ def test_no_host_synchronization(path, packed_input):
 @pytest.mark.parametrize("forced", ["registers", "shared"])
 def test_forced_persistent_path_runs_a_batch_larger_than_one_wave(forced):
     # 20,000 rows at 8 per block is more blocks than an H100 holds at once: several waves.
-    _C.set_cuda_path(forced)
-    try:
+    with knobs_set(cuda_path=forced):
         ref, ours = rnn_pair("cpp", I, 64, 1, dtype=torch.float32, device=CUDA)
         x = _randn(3, 20_000, I, dtype=torch.float32, grad=False)
         with torch.no_grad():
             (a, ha), (b, hb) = ours(x), ref(x)
         assert_close(a, b, torch.float32, "out")
         assert_close(ha, hb, torch.float32, "h_n")
-    finally:
-        _C.set_cuda_path("auto")
 
 
 def test_cuda_graph_capture_and_replay(path):
@@ -358,10 +352,11 @@ def test_device_guard_follows_the_input():
 
 
 def test_bad_knob_values_raise_value_error():
-    with pytest.raises(ValueError, match="path"):
-        _C.set_cuda_path("cudnn")
-    with pytest.raises(ValueError, match="rows per block"):
-        _C.set_cuda_rows_per_block(3)
+    with pytest.raises(ValueError, match="cuda_path must be one of auto, registers, shared, gemm; got 'cudnn'"):
+        _C.set_knob("cuda_path", "cudnn")
+    with pytest.raises(ValueError, match="cuda_rows_per_block must be one of 0, 1, 2, 4, 8; got 3"):
+        _C.set_knob("cuda_rows_per_block", 3)
+    assert _C.knobs()["cuda_path"] == "auto" and _C.knobs()["cuda_rows_per_block"] == 0
 
 
 @pytest.mark.parametrize("forced,H,message", [
@@ -370,9 +365,5 @@ def test_bad_knob_values_raise_value_error():
 ])
 def test_forced_persistent_paths_refuse_what_does_not_fit(forced, H, message):
     args = _layer_args(H=H, dtype=torch.float64)
-    _C.set_cuda_path(forced)
-    try:
-        with pytest.raises(RuntimeError, match=message):
-            ops.rnn_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-    finally:
-        _C.set_cuda_path("auto")
+    with knobs_set(cuda_path=forced), pytest.raises(RuntimeError, match=message):
+        ops.rnn_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])

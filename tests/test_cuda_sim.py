@@ -15,6 +15,7 @@ import pytest
 import torch
 
 SOURCE = Path(__file__).parent / "cuda_sim" / "sim.cpp"
+CSRC = Path(__file__).parent.parent / "csrc"  # the kernels include each other as "kernels/..."
 COMPILER = shutil.which("c++") or shutil.which("g++")
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no host C++ compiler to build the simulation")
 
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.skipif(COMPILER is None, reason="no host C++ compiler t
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     library = tmp_path_factory.mktemp("cuda_sim") / "sim.so"
-    command = [COMPILER, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", str(SOURCE), "-o", str(library)]
+    command = [COMPILER, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-I", str(CSRC), str(SOURCE),
+               "-o", str(library)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(library))
     for fn in (lib.sim_forward, lib.sim_backward):
@@ -35,11 +37,12 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _layout(T, B, packed):
-    """Step sizes (non-increasing, as in a PackedSequence) and the kernels' packed array."""
+    """Batch sizes (non-increasing, as in a PackedSequence) and offsets, as lists and as the kernels'
+    Sequence arrays (None for dense input)."""
     sizes = [B] * T if not packed else [max(1, B - 2 * t) for t in range(T)]
     offsets = [sum(sizes[:t]) for t in range(T)]
-    array = torch.tensor(offsets + sizes, dtype=torch.int64) if packed else None
-    return sizes, offsets, array
+    arrays = [torch.tensor(a, dtype=torch.int64) if packed else None for a in (sizes, offsets)]
+    return sizes, offsets, arrays
 
 
 def _reference(pre, h0, w_hh, sizes, offsets, relu, grad_out=None, grad_h_n=None):
@@ -90,7 +93,7 @@ CASES = [(d, h, r) for d in (torch.float32, torch.float64) for h, r in VARIANTS 
 def test_persistent_kernels_match_a_plain_loop(sim, dtype, rows, packed, nonlinearity, H, registers):
     T, B = 6, 5  # 5 rows: a partial last block for 2, 4 and 8 rows per block
     relu = nonlinearity == "relu"
-    sizes, offsets, array = _layout(T, B, packed)
+    sizes, offsets, (batch_sizes, offsets_array) = _layout(T, B, packed)
     N = sum(sizes)
     g = torch.Generator().manual_seed(H * 100 + rows)
     randn = lambda *s: (0.6 * torch.randn(*s, generator=g, dtype=torch.float64)).to(dtype)  # noqa: E731
@@ -103,7 +106,8 @@ def test_persistent_kernels_match_a_plain_loop(sim, dtype, rows, packed, nonline
     out, h_n = pre.clone(), torch.full((B, H), float("nan"), dtype=dtype)
     w_t = w_hh.T.contiguous()
     size = dtype.itemsize
-    assert sim.sim_forward(size, rows, registers, T, B, H, _ptr(array), _ptr(out), _ptr(h0), _ptr(w_t), _ptr(h_n), relu) == 0
+    sequence = (T, B, H, _ptr(batch_sizes), _ptr(offsets_array))
+    assert sim.sim_forward(size, rows, registers, *sequence, _ptr(out), _ptr(h0), _ptr(w_t), _ptr(h_n), relu) == 0
     _assert_close(out, out_ref, "out: ")
     _assert_close(h_n, h_n_ref, "h_n: ")
 
@@ -113,7 +117,7 @@ def test_persistent_kernels_match_a_plain_loop(sim, dtype, rows, packed, nonline
         dz_expected = _reference(*wide, sizes, offsets, relu, *wide_grads)[2]
         dz = torch.full((N, H), float("nan"), dtype=dtype)
         y = out_ref.to(dtype)
-        assert sim.sim_backward(size, rows, registers, T, B, H, _ptr(array), _ptr(dz), _ptr(go), _ptr(ghn), _ptr(y),
+        assert sim.sim_backward(size, rows, registers, *sequence, _ptr(dz), _ptr(go), _ptr(ghn), _ptr(y),
                                 _ptr(w_hh.contiguous()), relu) == 0
         _assert_close(dz, dz_expected, f"dz with grad_out={go is not None}, grad_h_n={ghn is not None}: ")
 
@@ -121,4 +125,4 @@ def test_persistent_kernels_match_a_plain_loop(sim, dtype, rows, packed, nonline
 @pytest.mark.parametrize("size,rows,registers,H", [(4, 3, 0, 1), (4, 1, 16, 1), (8, 1, 128, 1), (4, 1, 32, 33)])
 def test_variants_that_do_not_exist_are_refused(sim, size, rows, registers, H):
     x = torch.zeros(1, H)
-    assert sim.sim_forward(size, rows, registers, 1, 1, H, None, _ptr(x), _ptr(x), _ptr(x), _ptr(x), 0) == 1
+    assert sim.sim_forward(size, rows, registers, 1, 1, H, None, None, _ptr(x), _ptr(x), _ptr(x), _ptr(x), 0) == 1

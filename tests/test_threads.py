@@ -1,6 +1,6 @@
 """One module shared by several Python threads, each running forward + backward on its own
 inputs at the same time, gives what serial runs give. Gradients come from torch.autograd.grad,
-so the threads do not race on ``.grad``."""
+so the threads do not race on ``.grad``. The cpp backend's knobs may change meanwhile."""
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +10,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import myrnn_fast
+from myrnn_fast import registry
 
 THREADS = 4
 
@@ -81,3 +82,52 @@ def test_shared_cell_across_threads(backend):
         for results in runs:
             for a, b in zip(results, serial[i]):
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.skipif(
+    registry.unavailable_reason("cpp") is not None, reason=f"cpp: {registry.unavailable_reason('cpp')}"
+)
+def test_knobs_flipped_while_forward_calls_run():
+    """The cpp backend's knobs are read by kernels running with the GIL released: flipping the CPU
+    path and instruction set from one thread while others run forwards must neither crash nor give
+    anything but what some configuration gives serially (paths sum in different orders)."""
+    from myrnn_fast import _C
+
+    torch.manual_seed(0)
+    rnn = myrnn_fast.RNN(3, 40, 2, dtype=torch.float64, backend="cpp")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 8, 3, generator=g, dtype=torch.float64)
+    args = (x[:, :4], torch.randn(4, 40, generator=g, dtype=torch.float64),
+            *[p.detach() for p in (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)],
+            None, "tanh")
+
+    def run():
+        with torch.no_grad():
+            return [*torch.ops.myrnn_fast.rnn_forward(*args), *rnn(x)]
+
+    settings = [dict(cpu_path=p, cpu_isa=i) for p in ("tiles", "gemm") for i in _C.cpu_isas()]
+    before = _C.knobs()
+    expected = run()
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            for setting in settings:
+                for name, value in setting.items():
+                    _C.set_knob(name, value)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        results = _concurrently(lambda i: [run() for _ in range(20)], THREADS)
+    finally:
+        stop.set()
+        flipper.join()
+        for name in ("cpu_path", "cpu_isa"):
+            _C.set_knob(name, before[name])
+    for i, runs in enumerate(results):
+        for r, got in enumerate(runs):
+            for k, (a, b) in enumerate(zip(got, expected)):
+                torch.testing.assert_close(
+                    a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"thread {i} round {r} tensor {k}: {m}"
+                )

@@ -27,7 +27,7 @@ fi
 myrnn-fast info > "$OUT/info.txt" 2>&1
 
 step tests
-# TESTS narrows the run (the whole suite took over 10 minutes on a 16-core H100 host).
+# TESTS narrows the run: the whole suite does not fit the time a borrowed GPU host gives.
 # Default: the CUDA suite and the CUDA cases of the shared odd-input tests (CI runs the rest).
 timeout "${TEST_SECONDS:-300}" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=15 \
   ${TESTS:-tests/test_cuda.py tests/test_odd_inputs.py -k cuda} > "$OUT/pytest.log" 2>&1

@@ -1,9 +1,9 @@
-// The persistent CUDA kernels' bodies (csrc/rnn_cuda_device.cuh) run on the CPU: one std::thread
+// The persistent CUDA kernels' bodies (csrc/kernels/cuda/rnn_cuda_device.cuh) run on the CPU: one std::thread
 // per CUDA thread, std::barrier for __syncthreads, the blocks of a grid one after another, and
 // shared memory poisoned with NaN so that reading an entry nobody wrote shows in the results.
 // tests/test_cuda_sim.py builds this with the host compiler and checks it against torch, so the
 // kernels' indexing, packed-sequence bookkeeping and barrier placement are tested without a GPU.
-#include "../../csrc/rnn_cuda_device.cuh"
+#include "kernels/cuda/rnn_cuda_device.cuh"  // tests/test_cuda_sim.py puts csrc/ on the include path
 
 #include <barrier>
 #include <cstdlib>
@@ -15,7 +15,7 @@
 
 namespace {
 
-using myrnn_fast::cuda::Sequence;
+using myrnn_fast::Sequence;
 namespace device = myrnn_fast::cuda::device;
 
 struct SimBlock {
@@ -97,21 +97,22 @@ int dispatch(int dtype_bytes, int rows, int registers, const F& fn) {
 
 extern "C" {
 
-// `packed`: null for dense input, else the step offsets then the step sizes (host memory).
-// `registers`: 0 for W_hh in shared memory, else the register width (at least hidden).
-int sim_forward(int dtype_bytes, int rows, int registers, int64_t steps, int64_t batch, int64_t hidden,
-                const int64_t* packed, void* out, const void* h0, const void* w_hh_t, void* h_n, int relu) {
+// `batch_sizes`, `offsets`: both null for dense input, else [seq_len] each (host memory), as in
+// Sequence. `registers`: 0 for W_hh in shared memory, else the register width (at least hidden).
+int sim_forward(int dtype_bytes, int rows, int registers, int64_t seq_len, int64_t batch, int64_t hidden,
+                const int64_t* batch_sizes, const int64_t* offsets, void* out, const void* h0, const void* w_hh_t,
+                void* h_n, int relu) {
   if (registers != 0 && hidden > registers) return 1;
-  const Sequence s{steps, batch, hidden, packed};
+  const Sequence s{seq_len, batch, hidden, batch_sizes, offsets};
   return dispatch(dtype_bytes, rows, registers,
                   [&]<typename T, int R, int KR>() { forward<T, R, KR>(s, out, h0, w_hh_t, h_n, relu); });
 }
 
-int sim_backward(int dtype_bytes, int rows, int registers, int64_t steps, int64_t batch, int64_t hidden,
-                 const int64_t* packed, void* dz, const void* grad_out, const void* grad_h_n, const void* y,
-                 const void* w_hh, int relu) {
+int sim_backward(int dtype_bytes, int rows, int registers, int64_t seq_len, int64_t batch, int64_t hidden,
+                 const int64_t* batch_sizes, const int64_t* offsets, void* dz, const void* grad_out,
+                 const void* grad_h_n, const void* y, const void* w_hh, int relu) {
   if (registers != 0 && hidden > registers) return 1;
-  const Sequence s{steps, batch, hidden, packed};
+  const Sequence s{seq_len, batch, hidden, batch_sizes, offsets};
   return dispatch(dtype_bytes, rows, registers,
                   [&]<typename T, int R, int KR>() { backward<T, R, KR>(s, dz, grad_out, grad_h_n, y, w_hh, relu); });
 }

@@ -1,19 +1,21 @@
 // CUDA implementations of the myrnn_fast ops: rnn_forward, rnn_backward, rnn_cell.
 //
 // The input projection of every step is one cuBLAS GEMM, and so are the weight gradients after
-// the reverse recurrence (rnn_layer.h, shared with the CPU). The recurrence takes one of two paths:
-//  - the persistent kernels of rnn_cuda_kernels.cu: one launch for the whole sequence, W_hh in
-//    each thread's registers (a column each, H <= 128 in float32) or else in each block's shared
-//    memory, used when it fits and the batch runs in one wave;
-//  - otherwise one cuBLAS GEMM per step, then a fused elementwise kernel.
+// the reverse recurrence (ops/rnn_layer.h, shared with the CPU). The recurrence takes one of two
+// kinds of path (knob cuda_path; choose_plan):
+//  - "registers" / "shared": the persistent kernels of kernels/cuda/, one launch for the whole
+//    sequence, W_hh in each thread's registers (a column each, H <= 128 in float32) or else in each
+//    block's shared memory, used when it fits and the batch runs in one wave;
+//  - "gemm": one cuBLAS GEMM per step, then a fused elementwise kernel (ops/rnn_layer.h).
 // Everything runs on the current stream of the input's device, with no host synchronization:
 // packed layouts reach the GPU through pinned memory without blocking.
 
-#include "rnn_cuda.h"
+#include "ops/rnn_cuda.h"
 
-#include "rnn_checks.h"
-#include "rnn_cuda_kernels.h"
-#include "rnn_layer.h"
+#include "kernels/cuda/rnn_cuda_kernels.h"
+#include "ops/knobs.h"
+#include "ops/rnn_checks.h"
+#include "ops/rnn_layer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,35 +25,31 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <string>
 #include <vector>
 
 namespace myrnn_fast::cuda {
 
 namespace {
 
-// The knobs are read by calls that run without the GIL, hence atomics.
-enum class Path : int { kAuto, kRegisters, kShared, kGemm };
-std::atomic<Path> path_choice{Path::kAuto};
-std::atomic<int> rows_choice{0};
+using knobs::CudaPath;
 
 // A Plan that runs the persistent kernels (W_hh in registers where a column fits them, else in
 // shared memory), or none for the per-step GEMM path.
 template <typename T>
 Plan choose_plan(const Layout& l, bool backward) {
-  const Path path = path_choice.load();
-  if (path == Path::kGemm) return {};
-  const int registers = path == Path::kShared ? 0 : register_columns<T>(l.hidden);
+  const CudaPath path = knobs::cuda_path.as<CudaPath>();
+  if (path == CudaPath::kGemm) return {};
+  const int registers = path == CudaPath::kShared ? 0 : register_columns<T>(l.hidden);
   const auto dtype = c10::toString(c10::CppTypeToScalarType<T>::value);
-  TORCH_CHECK(path != Path::kRegisters || registers > 0, "myrnn_fast: hidden size ", l.hidden, " in ", dtype,
+  TORCH_CHECK(path != CudaPath::kRegisters || registers > 0, "myrnn_fast: hidden size ", l.hidden, " in ", dtype,
               " is too large to keep W_hh in registers (up to 128 in float32, 64 in float64)");
   // Forced, the persistent kernels also take a batch that needs more than one wave of blocks.
-  const bool forced = path != Path::kAuto;
-  const Plan plan = persistent_plan<T>(l.batch, l.hidden, backward, rows_choice.load(), forced, registers);
+  const bool forced = path != CudaPath::kAuto;
+  const int rows_per_block = static_cast<int>(knobs::cuda_rows_per_block.get());
+  const Plan plan = persistent_plan<T>(l.batch, l.hidden, backward, rows_per_block, forced, registers);
   TORCH_CHECK(plan.fits || !forced, "myrnn_fast: hidden size ", l.hidden, " in ", dtype,
               " does not fit one block's shared memory on this device, so the persistent CUDA kernels cannot run "
-              "it (set_cuda_path('auto') chooses for you)");
+              "it (_C.set_knob('cuda_path', 'auto') chooses for you)");
   return plan;
 }
 
@@ -63,17 +61,15 @@ void refuse_packed_capture(const Layout& l) {
               "host memory on every call); pad the batch instead");
 }
 
-// The kernels' view of a layout; `packed` keeps the device copy of a packed layout alive.
-Sequence sequence_of(const Layout& l, at::Tensor& packed, const at::Device& device) {
-  Sequence s;
-  s.steps = l.steps;
-  s.batch = l.batch;
-  s.hidden = l.hidden;
+// The kernels' view of a layout, its packed arrays copied to `device`; `keep` holds that copy.
+Sequence on_device(const Layout& l, at::Tensor& keep, const at::Device& device) {
+  Sequence s = l.sequence();
   if (l.packed) {
-    std::vector<int64_t> steps(l.offsets);
-    steps.insert(steps.end(), l.batch_sizes.begin(), l.batch_sizes.end());
-    packed = index_tensor(steps, device);
-    s.packed = packed.const_data_ptr<int64_t>();
+    std::vector<int64_t> arrays(l.batch_sizes);
+    arrays.insert(arrays.end(), l.offsets.begin(), l.offsets.end());
+    keep = index_tensor(arrays, device);
+    s.batch_sizes = keep.const_data_ptr<int64_t>();
+    s.offsets = s.batch_sizes + l.seq_len;
   }
   return s;
 }
@@ -100,19 +96,18 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
     return in_float32(rnn_forward, x.scalar_type(), x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity);
   const int64_t H = l.hidden;
   const at::Tensor rows = x.reshape({l.rows, l.input});
-  // The input projection of every step at once; the recurrence then updates it in place.
-  const at::Tensor out = (b_ih ? at::addmm(*b_ih + *b_hh, rows, w_ih.t()) : at::mm(rows, w_ih.t())).contiguous();
+  const at::Tensor out = input_projection(rows, w_ih, summed_bias(b_ih, b_hh));
   const at::Tensor h = h0.contiguous();
   const at::Tensor h_n = at::empty_like(h);
-  if (l.steps == 0) h_n.copy_(h);
-  if (l.steps > 0 && l.batch > 0 && H > 0) {
+  if (l.seq_len == 0) h_n.copy_(h);
+  if (l.seq_len > 0 && l.batch > 0 && H > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_forward_cuda", [&] {
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
       const Plan plan = choose_plan<scalar_t>(l, /*backward=*/false);
       if (plan.fits) {
         const at::Tensor w_hh_t = w_hh.t().contiguous();
-        at::Tensor packed;
-        const Sequence s = sequence_of(l, packed, x.device());
+        at::Tensor keep;
+        const Sequence s = on_device(l, keep, x.device());
         C10_CUDA_CHECK(persistent_forward<scalar_t>(plan, s, out.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
                                                     w_hh_t.const_data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), relu,
                                                     stream));
@@ -150,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
       const Plan plan = choose_plan<scalar_t>(l, /*backward=*/true);
       if (plan.fits) {
-        at::Tensor packed;
-        const Sequence s = sequence_of(l, packed, x.device());
+        at::Tensor keep;
+        const Sequence s = on_device(l, keep, x.device());
         C10_CUDA_CHECK(persistent_backward<scalar_t>(
             plan, s, dz.data_ptr<scalar_t>(), go.defined() ? go.const_data_ptr<scalar_t>() : nullptr,
             ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr, y.const_data_ptr<scalar_t>(),
@@ -178,40 +173,11 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(x.device());
   if (is_reduced(x)) return in_float32(rnn_cell, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
   // Two cuBLAS calls and one elementwise kernel: a step has no sequence to keep on chip.
-  at::Tensor y = (b_ih ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t())).contiguous();
-  y.addmm_(h, w_hh.t());
+  at::Tensor y = cell_preactivation(x, h, w_ih, w_hh, b_ih, b_hh);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_cell_cuda", [&] {
     C10_CUDA_CHECK(activate<scalar_t>(y.data_ptr<scalar_t>(), y.numel(), relu, c10::cuda::getCurrentCUDAStream()));
   });
   return y;
-}
-
-// ---- knobs for tests and benchmarks ----------------------------------------------------------
-
-std::string cuda_path() {
-  switch (path_choice.load()) {
-    case Path::kRegisters: return "registers";
-    case Path::kShared: return "shared";
-    case Path::kGemm: return "gemm";
-    default: return "auto";
-  }
-}
-
-void set_cuda_path(const std::string& path) {
-  TORCH_CHECK_VALUE(path == "auto" || path == "registers" || path == "shared" || path == "gemm",
-                    "myrnn_fast: unknown CUDA path '", path, "'; choose auto, registers, shared or gemm");
-  path_choice = path == "registers" ? Path::kRegisters
-                : path == "shared"  ? Path::kShared
-                : path == "gemm"    ? Path::kGemm
-                                    : Path::kAuto;
-}
-
-int cuda_rows_per_block() { return rows_choice.load(); }
-
-void set_cuda_rows_per_block(int rows) {
-  TORCH_CHECK_VALUE(rows == 0 || rows == 1 || rows == 2 || rows == 4 || rows == 8,
-                    "myrnn_fast: rows per block must be 1, 2, 4 or 8 (0 chooses), got ", rows);
-  rows_choice = rows;
 }
 
 }  // namespace myrnn_fast::cuda

@@ -3,6 +3,8 @@
 // or TypeError / ValueError where torch would use those), never a crash.
 #pragma once
 
+#include "kernels/sequence.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -19,12 +21,19 @@ inline bool is_relu(std::string_view nonlinearity) {
   return nonlinearity == "relu";
 }
 
-// The shape of one layer call: T steps over N packed rows, each step's active rows and where they
-// start. Dense input is the packed case with B rows at every step.
+// The checked shape of one op call: seq_len steps over `rows` packed rows of `batch` at most, with
+// `input` and `hidden` features. Packed input keeps each step's row count and first row in host
+// vectors; dense input leaves them empty, as Sequence does. An RNNCell call is one dense step.
 struct Layout {
-  int64_t steps = 0, batch = 0, rows = 0, input = 0, hidden = 0;
+  int64_t seq_len = 0, batch = 0, rows = 0, input = 0, hidden = 0;
   bool packed = false;
-  std::vector<int64_t> batch_sizes, offsets;
+  std::vector<int64_t> batch_sizes, offsets;  // [seq_len] each when packed, else empty
+
+  // The kernels' view of this layout (pointing into its vectors, so valid while it lives).
+  Sequence sequence() const {
+    return {seq_len, batch, hidden, packed ? batch_sizes.data() : nullptr, packed ? offsets.data() : nullptr};
+  }
+  Step step(int64_t t) const { return step_at(sequence(), t); }
 };
 
 inline void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
@@ -39,15 +48,10 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
               t.sizes());
 }
 
-struct CellShape {
-  int64_t batch = 0, input = 0, hidden = 0;
-};
-
 // Everything about a layer call but the sequence: weights, biases and h0 against the input.
-template <typename Shape>
-inline Shape weights_shape(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-  Shape l;
+inline Layout weights_shape(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  Layout l;
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "myrnn_fast: input must be floating point, got ",
               x.scalar_type());
   for (auto [t, name] : {std::pair{&h0, "h0"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}}) check_same(*t, x, name);
@@ -69,11 +73,13 @@ inline Shape weights_shape(const at::Tensor& x, const at::Tensor& h0, const at::
   return l;
 }
 
-inline CellShape cell_shape(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                            const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-  const auto l = weights_shape<CellShape>(x, h, w_ih, w_hh, b_ih, b_hh);
+inline Layout cell_shape(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  Layout l = weights_shape(x, h, w_ih, w_hh, b_ih, b_hh);
   TORCH_CHECK(x.dim() == 2, "myrnn_fast: rnn_cell input must be [batch, input_size], got ", x.sizes());
   check_shape(x, {l.batch, l.input}, "input");
+  l.seq_len = 1;
+  l.rows = l.batch;
   return l;
 }
 
@@ -82,46 +88,41 @@ inline Layout layer_layout(const at::Tensor& x, const at::Tensor& h0, const at::
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                            const std::optional<at::Tensor>& b_hh,
                            const std::optional<at::Tensor>& batch_sizes) {
-  Layout l = weights_shape<Layout>(x, h0, w_ih, w_hh, b_ih, b_hh);
+  Layout l = weights_shape(x, h0, w_ih, w_hh, b_ih, b_hh);
   l.packed = batch_sizes.has_value();
   if (!l.packed) {
     TORCH_CHECK(x.dim() == 3, "myrnn_fast: input must be [T, B, input_size] (or packed rows with batch_sizes), got ",
                 x.sizes());
     check_shape(x, {x.size(0), l.batch, l.input}, "input");
-    l.steps = x.size(0);
-    l.rows = l.steps * l.batch;
-    l.batch_sizes.assign(l.steps, l.batch);
-  } else {
-    const at::Tensor& sizes = *batch_sizes;
-    TORCH_CHECK_TYPE(sizes.scalar_type() == at::kLong, "myrnn_fast: batch_sizes must be int64, got ",
-                     sizes.scalar_type());
-    TORCH_CHECK(sizes.device().is_cpu() && sizes.dim() == 1,
-                "myrnn_fast: batch_sizes must be a 1-D tensor on the CPU, as in a PackedSequence");
-    TORCH_CHECK(x.dim() == 2, "myrnn_fast: packed input must be [rows, input_size], got ", x.sizes());
-    check_shape(x, {x.size(0), l.input}, "packed input");
-    const at::Tensor c = sizes.contiguous();
-    const int64_t* p = c.const_data_ptr<int64_t>();
-    l.steps = c.numel();
-    l.batch_sizes.assign(p, p + l.steps);
-    int64_t previous = l.batch, total = 0;
-    for (int64_t t = 0; t < l.steps; ++t) {
-      const int64_t b = l.batch_sizes[t];
-      TORCH_CHECK(b >= 0 && b <= previous, "myrnn_fast: batch_sizes must be non-negative, non-increasing and at ",
-                  "most h0's batch (", l.batch, "); step ", t, " has ", b, " after ", previous);
-      previous = b;
-      total += b;
-    }
-    TORCH_CHECK(l.steps == 0 || l.batch_sizes[0] == l.batch, "myrnn_fast: the first step has ",
-                l.steps ? l.batch_sizes[0] : 0, " rows but h0 has ", l.batch);
-    TORCH_CHECK(total == x.size(0), "myrnn_fast: batch_sizes add up to ", total, " rows but the packed input has ",
-                x.size(0));
-    l.rows = total;
+    l.seq_len = x.size(0);
+    l.rows = l.seq_len * l.batch;
+    return l;
   }
-  l.offsets.resize(l.steps);
-  for (int64_t t = 0, offset = 0; t < l.steps; ++t) {
-    l.offsets[t] = offset;
-    offset += l.batch_sizes[t];
+  const at::Tensor& sizes = *batch_sizes;
+  TORCH_CHECK_TYPE(sizes.scalar_type() == at::kLong, "myrnn_fast: batch_sizes must be int64, got ",
+                   sizes.scalar_type());
+  TORCH_CHECK(sizes.device().is_cpu() && sizes.dim() == 1,
+              "myrnn_fast: batch_sizes must be a 1-D tensor on the CPU, as in a PackedSequence");
+  TORCH_CHECK(x.dim() == 2, "myrnn_fast: packed input must be [rows, input_size], got ", x.sizes());
+  check_shape(x, {x.size(0), l.input}, "packed input");
+  const at::Tensor c = sizes.contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  l.seq_len = c.numel();
+  l.batch_sizes.assign(p, p + l.seq_len);
+  l.offsets.resize(l.seq_len);
+  int64_t previous = l.batch;
+  for (int64_t t = 0; t < l.seq_len; ++t) {
+    const int64_t b = l.batch_sizes[t];
+    TORCH_CHECK(b >= 0 && b <= previous, "myrnn_fast: batch_sizes must be non-negative, non-increasing and at ",
+                "most h0's batch (", l.batch, "); step ", t, " has ", b, " after ", previous);
+    previous = b;
+    l.offsets[t] = l.rows;
+    l.rows += b;
   }
+  TORCH_CHECK(l.seq_len == 0 || l.batch_sizes[0] == l.batch, "myrnn_fast: the first step has ",
+              l.seq_len ? l.batch_sizes[0] : 0, " rows but h0 has ", l.batch);
+  TORCH_CHECK(l.rows == x.size(0), "myrnn_fast: batch_sizes add up to ", l.rows, " rows but the packed input has ",
+              x.size(0));
   return l;
 }
 

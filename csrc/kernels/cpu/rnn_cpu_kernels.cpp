@@ -1,3 +1,7 @@
+// Where a time step happens on the CPU: here, in forward() and backward() (path "tiles", the
+// default up to knob cpu_tiles_max_hidden). Path "gemm" runs its steps in ops/rnn_layer.h instead,
+// one BLAS GEMM per step, the loop the CUDA ops share.
+//
 // CPU recurrence kernels for one instruction set. CMake compiles this file once per ISA with
 // MYRNN_ISA (a name) and MYRNN_VECTOR_BYTES (16, 32 or 64) set, and the matching -m flags; the
 // code is written once with GCC/Clang vector extensions, so the compiler picks the instructions.
@@ -7,7 +11,7 @@
 // vectors of columns keeps its accumulators in registers across the whole k loop, and the
 // nonlinearity is applied to those registers before the single store.
 
-#include "rnn_cpu_kernels.h"
+#include "kernels/cpu/rnn_cpu_kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -217,45 +221,48 @@ inline void step_rows(const Operands<T>& o, int64_t r0, int64_t r1) {
 }
 
 template <typename T>
-void forward(const Steps& s, T* out, const T* h0, const T* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1) {
+void forward(const Sequence& s, T* out, const T* h0, const T* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1) {
   const int64_t H = s.hidden;
   Operands<T> o;
   o.m = w_hh_t;
   o.H = H;
   o.relu = relu;
-  for (int64_t t = 0; t < s.count; ++t) {
-    const int64_t active = std::min(r1, s.batch[t]);
+  const T* prev = h0;
+  for (int64_t t = 0; t < s.seq_len; ++t) {
+    const Step step = step_at(s, t);
+    const int64_t active = std::min(r1, step.batch_size);
     if (active <= r0) break;  // batch sizes never grow again
-    T* cur = out + s.offset[t] * H;
-    o.prev = t == 0 ? h0 : out + s.offset[t - 1] * H;
+    T* cur = out + step.offset * H;
+    o.prev = prev;
     o.dst = cur;
     o.init = cur;
     step_rows<T, Epilogue::kActivate>(o, r0, active);
     // Rows whose sequence ends here: their state is final.
-    const int64_t next = t + 1 < s.count ? std::min(active, s.batch[t + 1]) : r0;
-    const int64_t first_done = std::max(r0, next);
+    const int64_t first_done = std::max(r0, std::min(active, step.next_batch_size));
     if (active > first_done)
       std::memcpy(h_n + first_done * H, cur + first_done * H, (active - first_done) * H * sizeof(T));
+    prev = cur;
   }
 }
 
 template <typename T>
-void backward(const Steps& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const T* w_hh,
+void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const T* w_hh,
               bool relu, int64_t r0, int64_t r1) {
   using V = vec<T>;
   constexpr int W = kLanes<T>;
   const int64_t H = s.hidden;
-  for (int64_t t = s.count - 1; t >= 0; --t) {
-    const int64_t active = std::min(r1, s.batch[t]);
+  for (int64_t t = s.seq_len - 1; t >= 0; --t) {
+    const Step step = step_at(s, t);
+    const int64_t active = std::min(r1, step.batch_size);
     if (active <= r0) continue;  // this chunk's rows start later in the (reversed) sequence
-    const int64_t base = s.offset[t] * H;
+    const int64_t base = step.offset * H;
     const T* g = grad_out ? grad_out + base : nullptr;
     // Rows still running at t+1 receive dz_{t+1} W_hh ...
-    const int64_t carried = t + 1 < s.count ? std::min(active, s.batch[t + 1]) : r0;
+    const int64_t carried = std::max(r0, std::min(active, step.next_batch_size));
     if (carried > r0) {
       Operands<T> o;
       o.init = g;
-      o.prev = dz + s.offset[t + 1] * H;
+      o.prev = dz + step_at(s, t + 1).offset * H;  // carried rows exist, so step t + 1 does
       o.m = w_hh;
       o.dst = dz + base;
       o.y = out + base;
@@ -264,7 +271,7 @@ void backward(const Steps& s, T* dz, const T* grad_out, const T* grad_h_n, const
       step_rows<T, Epilogue::kMulDact>(o, r0, carried);
     }
     // ... rows ending at t receive grad_h_n instead.
-    for (int64_t r = std::max(r0, carried); r < active; ++r) {
+    for (int64_t r = carried; r < active; ++r) {
       const int64_t row = base + r * H;
       int64_t j = 0;
       for (; j + W <= H; j += W) {

@@ -1,10 +1,12 @@
 // The CUDA recurrence kernels (rnn_cuda_kernels.cu). Plain CUDA over raw row-major buffers, no
 // torch headers: shapes, dtypes, allocation, GEMMs, streams and the device guard belong to
-// rnn_cuda.cpp, which validates everything before a pointer reaches here. Every launcher runs on
-// the stream it is given and returns the launch's error instead of throwing.
+// ops/rnn_cuda.cpp, which validates everything before a pointer reaches here. Every launcher runs
+// on the stream it is given and returns the launch's error instead of throwing. Shapes below:
+// N = rows (all steps' packed rows), B = batch, H = hidden; every buffer is contiguous, row-major
+// and in device memory.
 #pragma once
 
-#include "rnn_cuda_device.cuh"  // Sequence
+#include "kernels/sequence.h"
 
 #include <cuda_runtime_api.h>
 
@@ -35,19 +37,32 @@ int register_columns(int64_t hidden);
 template <typename T>
 Plan persistent_plan(int64_t batch, int64_t hidden, bool backward, int rows_per_block, bool any_waves, int registers);
 
-// out holds x W_ih^T + b on entry and h_t on exit; w_hh_t is W_hh transposed ([k][j] = W_hh[j][k]).
-// Writes each row's last state to h_n.
+// The forward recurrence h_t = act(p_t + h_{t-1} W_hh^T), every step, in one launch.
+//   plan    from persistent_plan, with fits set
+//   s       the sequence; packed, its arrays are in device memory
+//   out     [N, H] in: the input projections p = x W_ih^T + b; out: h_t. Read and overwritten in place
+//   h0      [B, H] the initial state
+//   w_hh_t  [H, H] W_hh transposed ([k][j] = W_hh[j][k])
+//   h_n     [B, H] out: each row's state after its last step; must not alias out or h0
+//   relu    act = relu if true, else tanh
 template <typename T>
 cudaError_t persistent_forward(const Plan& plan, const Sequence& s, T* out, const T* h0, const T* w_hh_t, T* h_n,
                                bool relu, cudaStream_t stream);
 
-// dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t), where a row's last step takes grad_h_n instead of
-// the product. Null grads count as zeros.
+// The reverse recurrence dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t), every step, in one launch;
+// a row's last step takes grad_h_n instead of the product.
+//   plan, s   as for persistent_forward
+//   dz        [N, H] out: the gradient at the pre-activations; must not alias the inputs
+//   grad_out  [N, H] the gradient of the output, or null for zeros
+//   grad_h_n  [B, H] the gradient of h_n, or null for zeros
+//   y         [N, H] the forward's output
+//   w_hh      [H, H] W_hh itself (not transposed)
 template <typename T>
 cudaError_t persistent_backward(const Plan& plan, const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n,
                                 const T* y, const T* w_hh, bool relu, cudaStream_t stream);
 
-// The elementwise pieces of the per-step GEMM path: y = act(y), and g *= act'(y) given y = act(z).
+// The elementwise pieces of path "gemm", in place over n values: y = act(y), and g *= act'(z) where
+// y [n] holds act(z) (y must not alias g).
 template <typename T>
 cudaError_t activate(T* y, int64_t n, bool relu, cudaStream_t stream);
 template <typename T>

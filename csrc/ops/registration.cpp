@@ -1,8 +1,9 @@
 // Op registration for the `myrnn_fast` namespace and the Python module `myrnn_fast._C`.
 //
-// Kernels live in their own files (one per concern); this file owns the schema definitions, the
-// build report and the pybind11 module. Importing `myrnn_fast._C` runs the static registrations below, after which
-// the ops are reachable as `torch.ops.myrnn_fast.*`.
+// The ops' implementations live in rnn_cpu.cpp and rnn_cuda.cpp; this file owns the schema
+// definitions, the build report and the pybind11 module (ops without dispatch, knobs). Importing
+// `myrnn_fast._C` runs the static registrations below, after which the ops are reachable as
+// `torch.ops.myrnn_fast.*`.
 
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
@@ -13,9 +14,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "rnn_cpu.h"
+#include "ops/knobs.h"
+#include "ops/rnn_cpu.h"
 #ifdef MYRNN_WITH_CUDA
-#include "rnn_cuda.h"
+#include "ops/rnn_cuda.h"
 #endif
 
 #include <sstream>
@@ -52,7 +54,7 @@ std::string build_info() {
     << ", \"cuda\": " << (kWithCuda ? "true" : "false")
     << ", \"parallel_backend\": \"" << parallel_backend() << "\""
     << ", \"num_threads\": " << at::get_num_threads()
-    << ", \"cpu_isa\": \"" << cpu::cpu_isa() << "\"}";
+    << ", \"cpu_isa\": \"" << cpu::isa_in_use() << "\"}";
   return s.str();
 }
 
@@ -79,8 +81,8 @@ TORCH_LIBRARY(myrnn_fast, m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "myrnn_fast native extension: importing it registers the torch.ops.myrnn_fast ops.";
   namespace cpu = myrnn_fast::cpu;
-  // Through pybind11, not the dispatcher: a `() -> str` op segfaulted under torch 2.11 (H100
-  // machine, Python 3.12) while every tensor op worked, and nothing needs to trace this.
+  // Through pybind11, not the dispatcher: a build report is a plain string that nothing traces,
+  // dispatches or differentiates, so an op schema would add machinery and nothing else.
   m.def("build_info", &myrnn_fast::build_info, "how this extension was built, as a JSON object");
   // c10's errors as the Python exceptions torch.ops would raise for them, without C++ frames.
   pybind11::register_local_exception_translator([](std::exception_ptr p) {
@@ -107,7 +109,8 @@ PYBIND11_MODULE(_C, m) {
       [](const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity) {
         const int64_t multiply_adds = h.dim() == 2 ? h.size(0) * (w_ih.numel() + w_hh.numel()) : 0;
-        if (multiply_adds < (1 << 16)) return cpu::rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+        if (multiply_adds < myrnn_fast::knobs::cpu_cell_gil_release_min_work.get())
+          return cpu::rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
         pybind11::gil_scoped_release no_gil_while_computing;
         return cpu::rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
       },
@@ -123,14 +126,23 @@ PYBIND11_MODULE(_C, m) {
   m.def("rnn_cell_cuda", &cuda::rnn_cell, "rnn_cell's CUDA kernel, without dispatch or autograd", no_gil,
         pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));
-  m.def("cuda_path", &cuda::cuda_path, "how the CUDA recurrence runs: auto, registers, shared or gemm");
-  m.def("set_cuda_path", &cuda::set_cuda_path, "force a persistent kernel (registers, shared) or the per-step GEMM path (tests)");
-  m.def("cuda_rows_per_block", &cuda::cuda_rows_per_block, "batch rows per persistent block, 0 when chosen");
-  m.def("set_cuda_rows_per_block", &cuda::set_cuda_rows_per_block, "force 1, 2, 4 or 8 rows per block (tests)");
 #endif
-  m.def("cpu_isa", &cpu::cpu_isa, "instruction set of the CPU kernels in use");
-  m.def("cpu_isas", &cpu::cpu_isas, "instruction sets this CPU and build support");
-  m.def("set_cpu_isa", &cpu::set_cpu_isa, "use another supported instruction set (tests, benchmarks)");
-  m.def("cpu_path", &cpu::cpu_path, "how the recurrence runs: auto, kernel or blas");
-  m.def("set_cpu_path", &cpu::set_cpu_path, "force the register-tiled kernel or the BLAS path (tests)");
+  // myrnn_fast/config.py owns the knobs' documentation and environment variables.
+  m.def("knobs", &myrnn_fast::knobs::values, "every knob's current value, by name");
+  m.def(
+      "set_knob",
+      [](std::string_view name, const pybind11::handle& value) {
+        // str and int as they are; anything else (bool, float, an int past 64 bits) by its text,
+        // which no knob accepts: a ValueError that lists the valid values.
+        namespace py = pybind11;
+        if (py::isinstance<py::int_>(value) && !py::isinstance<py::bool_>(value)) {
+          int overflow = 0;
+          const long long number = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+          if (!overflow) return myrnn_fast::knobs::set(name, int64_t{number});
+        }
+        myrnn_fast::knobs::set(name, py::str(value).cast<std::string>());
+      },
+      "set one knob; ValueError for an unknown name or an invalid value", pybind11::arg("name"),
+      pybind11::arg("value"));
+  m.def("cpu_isas", &cpu::cpu_isas, "instruction sets this CPU and build support (knob cpu_isa's choices)");
 }

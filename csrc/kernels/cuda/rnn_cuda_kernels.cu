@@ -2,7 +2,9 @@
 // the way they do, are in rnn_cuda_device.cuh), their launch plan, and the elementwise kernels of
 // the per-step GEMM path.
 
-#include "rnn_cuda_kernels.h"
+#include "kernels/cuda/rnn_cuda_kernels.h"
+
+#include "kernels/cuda/rnn_cuda_device.cuh"
 
 #include <algorithm>
 #include <limits>

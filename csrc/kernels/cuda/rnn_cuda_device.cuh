@@ -1,3 +1,7 @@
+// Where a time step happens on CUDA: here, in device::forward() and device::backward() (paths
+// "registers" and "shared", chosen where they fit). Path "gemm" runs its steps in ops/rnn_layer.h
+// instead, one cuBLAS GEMM per step, the loop the CPU ops share.
+//
 // The bodies of the persistent CUDA kernels (rnn_cuda_kernels.cu wraps them in __global__
 // functions). They are written against a small `Block` interface (this thread's index, the
 // block's index and size, a barrier) instead of threadIdx / __syncthreads, so that the same code
@@ -16,33 +20,24 @@
 // done by the caller) is read a step ahead, so its latency hides behind the previous step.
 #pragma once
 
+#include "kernels/sequence.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
 #if defined(__CUDACC__)
 #define MYRNN_DEVICE __device__ __forceinline__
-#define MYRNN_HOST_DEVICE __host__ __device__
 #define MYRNN_UNROLL _Pragma("unroll")
 #define MYRNN_UNROLL_2 _Pragma("unroll 2")
 #else
 #include <cmath>
 #define MYRNN_DEVICE inline
-#define MYRNN_HOST_DEVICE
 #define MYRNN_UNROLL
 #define MYRNN_UNROLL_2
 #endif
 
 namespace myrnn_fast::cuda {
-
-// A layer's sequence as the kernels see it: `steps` steps of up to `batch` rows; every buffer is
-// [rows, hidden] with row stride `hidden`. Dense input has `batch` rows at every step, step t
-// from row t * batch on, and `packed` null. Packed input: `packed` is a device array holding the
-// row offset of each step, then each step's (non-increasing) number of rows.
-struct Sequence {
-  int64_t steps = 0, batch = 0, hidden = 0;
-  const int64_t* packed = nullptr;
-};
 
 namespace device {
 
@@ -111,16 +106,6 @@ MYRNN_DEVICE void load4(const T* p, T (&v)[4]) {
 #endif
 }
 
-struct Step {
-  int64_t offset, active, next;  // first packed row, rows now, rows at the step after (0 after the last)
-};
-
-MYRNN_DEVICE Step step_at(const Sequence& s, int64_t t) {
-  if (!s.packed) return {t * s.batch, s.batch, t + 1 < s.steps ? s.batch : 0};
-  const int64_t* sizes = s.packed + s.steps;
-  return {s.packed[t], sizes[t], t + 1 < s.steps ? sizes[t + 1] : 0};
-}
-
 // Column j of the step matrix ([k][j] = matrix[k * H + j]) as the dot products read it.
 template <typename T, int KR>
 struct Column {  // in this thread's registers: every index is a constant once the loops unroll
@@ -169,7 +154,7 @@ MYRNN_DEVICE void load_rows(const T* __restrict__ buffer, const Step& step, int6
                             T (&v)[R]) {
 MYRNN_UNROLL
   for (int r = 0; r < R; ++r)
-    v[r] = buffer && row0 + r < step.active ? buffer[(step.offset + row0 + r) * H + j] : T(0);
+    v[r] = buffer && row0 + r < step.batch_size ? buffer[(step.offset + row0 + r) * H + j] : T(0);
 }
 
 // out[r] = sum_k state[r][k] * column[k]: four partial sums per row, added at the end. A column in
@@ -201,8 +186,8 @@ MYRNN_UNROLL
   for (int r = 0; r < R; ++r) out[r] = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
 }
 
-// The forward recurrence of rows [R * block, R * block + R). `out` holds x W_ih^T + b on entry and
-// h_t on exit; w_hh_t is W_hh transposed ([k][j] = W_hh[j][k]). Writes each row's last state to h_n.
+// The forward recurrence of rows [R * block, R * block + R); the arguments are persistent_forward's
+// (rnn_cuda_kernels.h): `out` holds the input projections on entry and h_t on exit.
 template <typename T, int R, int KR, typename Block>
 MYRNN_DEVICE void forward(const Block& b, T* shared, const Sequence& s, T* __restrict__ out, const T* __restrict__ h0,
                           const T* __restrict__ w_hh_t, T* __restrict__ h_n, bool relu) {
@@ -220,25 +205,25 @@ MYRNN_DEVICE void forward(const Block& b, T* shared, const Sequence& s, T* __res
   // The step's input projection is read one step ahead, so its global-memory latency overlaps
   // the previous step's barrier and dot product instead of adding to the step.
   T pre[R];
-  Step step = s.steps > 0 ? step_at(s, 0) : Step{0, 0, 0};
+  Step step = s.seq_len > 0 ? step_at(s, 0) : Step{};
   if (j < H) load_rows<T, R>(out, step, row0, H, j, pre);
   int current = 0;
-  for (int64_t t = 0; t < s.steps; ++t) {
-    if (row0 >= step.active) break;  // the same for the whole block; sizes never grow again
+  for (int64_t t = 0; t < s.seq_len; ++t) {
+    if (row0 >= step.batch_size) break;  // the same for the whole block; sizes never grow again
     const T* h = state + current * R * K;
     T* h_next = state + (current ^ 1) * R * K;
-    const Step following = t + 1 < s.steps ? step_at(s, t + 1) : Step{0, 0, 0};
+    const Step following = t + 1 < s.seq_len ? step_at(s, t + 1) : Step{};
     if (j < H) {
       T dot[R];
       dot_column<T, R, KR>(column, h, K, dot);
 MYRNN_UNROLL
       for (int r = 0; r < R; ++r) {
         const int64_t row = row0 + r;
-        if (row >= step.active) continue;
+        if (row >= step.batch_size) continue;
         const T y = activation(pre[r] + dot[r], relu);
         out[(step.offset + row) * H + j] = y;
         h_next[r * K + j] = y;
-        if (row >= step.next) h_n[row * H + j] = y;  // this row's sequence ends here
+        if (row >= step.next_batch_size) h_n[row * H + j] = y;  // this row's sequence ends here
       }
       load_rows<T, R>(out, following, row0, H, j, pre);
     }
@@ -248,8 +233,8 @@ MYRNN_UNROLL
   }
 }
 
-// The reverse recurrence of the same rows: dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t), where a
-// row's last step takes grad_h_n instead of the product. Null grads count as zeros.
+// The reverse recurrence of the same rows; the arguments are persistent_backward's: dz_t =
+// (grad_out_t + dz_{t+1} W_hh) * act'(y_t), a row's last step taking grad_h_n instead of the product.
 template <typename T, int R, int KR, typename Block>
 MYRNN_DEVICE void backward(const Block& b, T* shared, const Sequence& s, T* __restrict__ dz,
                            const T* __restrict__ grad_out, const T* __restrict__ grad_h_n, const T* __restrict__ y,
@@ -263,15 +248,15 @@ MYRNN_DEVICE void backward(const Block& b, T* shared, const Sequence& s, T* __re
 
   // grad_out and y of a step are read one step ahead (in reverse), like the forward's projection.
   T go[R], y_t[R];
-  Step step = s.steps > 0 ? step_at(s, s.steps - 1) : Step{0, 0, 0};
+  Step step = s.seq_len > 0 ? step_at(s, s.seq_len - 1) : Step{};
   if (j < H) {
     load_rows<T, R>(grad_out, step, row0, H, j, go);
     load_rows<T, R>(y, step, row0, H, j, y_t);
   }
   int current = 0;
-  for (int64_t t = s.steps - 1; t >= 0; --t) {
-    const Step preceding = t > 0 ? step_at(s, t - 1) : Step{0, 0, 0};
-    if (row0 < step.active) {  // the same for the whole block; its rows may start later
+  for (int64_t t = s.seq_len - 1; t >= 0; --t) {
+    const Step preceding = t > 0 ? step_at(s, t - 1) : Step{};
+    if (row0 < step.batch_size) {  // the same for the whole block; its rows may start later
       const T* dz_next = state + current * R * K;
       T* dz_now = state + (current ^ 1) * R * K;
       if (j < H) {
@@ -280,9 +265,9 @@ MYRNN_DEVICE void backward(const Block& b, T* shared, const Sequence& s, T* __re
 MYRNN_UNROLL
         for (int r = 0; r < R; ++r) {
           const int64_t row = row0 + r;
-          if (row >= step.active) continue;
+          if (row >= step.batch_size) continue;
           // Rows that go on to step t+1 get dz_{t+1} W_hh; the others start here from grad_h_n.
-          const T carried = row < step.next ? dot[r] : grad_h_n ? grad_h_n[row * H + j] : T(0);
+          const T carried = row < step.next_batch_size ? dot[r] : grad_h_n ? grad_h_n[row * H + j] : T(0);
           const T d = (go[r] + carried) * derivative(y_t[r], relu);
           dz[(step.offset + row) * H + j] = d;
           dz_now[r * K + j] = d;

@@ -1,5 +1,5 @@
 // What myrnn_fast._C exposes of the CPU implementation besides the ops (which are reached
-// through torch.ops): a dispatcher-free cell step, and knobs for tests, benchmarks and `info`.
+// through torch.ops): dispatcher-free entries for eager calls, and the instruction sets.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,14 +21,10 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                     c10::string_view nonlinearity);
 
-// The instruction set whose kernels run ("baseline", "avx2", "avx512"): the best one this CPU
-// supports, or the one named by MYRNN_CPU_ISA when the process started.
-std::string cpu_isa();
-std::vector<std::string> cpu_isas();  // the ones this CPU and build support
-void set_cpu_isa(const std::string& isa);
-
-// How the recurrence runs: "auto" (by hidden and batch size), "kernel" (register-tiled) or "blas".
-std::string cpu_path();
-void set_cpu_path(const std::string& path);
+// The instruction sets ("baseline", "avx2", "avx512") this CPU and build support, worst to best:
+// the choices of knob cpu_isa after "auto".
+std::vector<std::string> cpu_isas();
+// The one whose kernels run now (knob cpu_isa, with "auto" resolved).
+std::string isa_in_use();
 
 }  // namespace myrnn_fast::cpu

@@ -1,20 +1,21 @@
 // CPU implementations of the myrnn_fast ops: rnn_forward, rnn_backward, rnn_cell.
 //
 // One call runs a whole sequence. The input projection x W_ih^T + b of every step is one GEMM
-// (ATen, so MKL/OpenBLAS), and so are the weight gradients after the reverse recurrence. The
-// recurrence itself takes one of two paths (use_kernel_path says which):
-//  - the register-tiled kernels of rnn_cpu_kernels.cpp, no allocation or dispatch per step.
-//    Batch rows never interact, so each thread of ATen's pool runs the whole sequence for its
-//    own share of rows: no synchronization per step at all;
-//  - for large hidden sizes with large batches, one BLAS GEMM per step (multi-threaded by the
-//    BLAS) written in place, then the vectorized nonlinearity, split over ATen's pool: the loop
-//    of rnn_layer.h, which the CUDA ops share, as they share its gradient GEMMs.
+// (ATen, so MKL/OpenBLAS), and so are the weight gradients after the reverse recurrence
+// (ops/rnn_layer.h). The recurrence itself takes one of two paths (knob cpu_path; use_tiles):
+//  - "tiles": the register-tiled kernels of kernels/cpu/rnn_cpu_kernels.cpp, no allocation or
+//    dispatch per step. Batch rows never interact, so each thread of ATen's pool runs the whole
+//    sequence for its own share of rows: no synchronization per step at all;
+//  - "gemm": one BLAS GEMM per step (multi-threaded by the BLAS) written in place, then the
+//    vectorized nonlinearity, split over ATen's pool: the loop of ops/rnn_layer.h, which the CUDA
+//    ops share, as they share its gradient GEMMs.
 
-#include "rnn_cpu.h"
+#include "ops/rnn_cpu.h"
 
-#include "rnn_checks.h"
-#include "rnn_cpu_kernels.h"
-#include "rnn_layer.h"
+#include "kernels/cpu/rnn_cpu_kernels.h"
+#include "ops/knobs.h"
+#include "ops/rnn_checks.h"
+#include "ops/rnn_layer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -22,9 +23,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <mutex>
 #include <string>
+#include <vector>
 
 namespace myrnn_fast::cpu {
 
@@ -32,66 +32,53 @@ namespace myrnn_fast::cpu {
 
 namespace {
 
-struct Choice {
-  const KernelTable* table = nullptr;
-  std::string path = "auto";  // "auto" | "kernel" | "blas"
-};
-
-std::vector<const KernelTable*> supported_tables() {
-  std::vector<const KernelTable*> tables{&kernels_baseline()};
+// The kernel tables this CPU and build can run, worst to best.
+const std::vector<const KernelTable*>& supported_tables() {
+  static const std::vector<const KernelTable*> tables = [] {
+    std::vector<const KernelTable*> t{&kernels_baseline()};
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_cpu_init();  // this may run before the constructors that would do it
+#endif
 #if defined(MYRNN_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) tables.push_back(&kernels_avx2());
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) t.push_back(&kernels_avx2());
 #endif
 #if defined(MYRNN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    tables.push_back(&kernels_avx512());
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      t.push_back(&kernels_avx512());
 #endif
+    return t;
+  }();
   return tables;
 }
 
-const KernelTable* find_table(std::string_view isa) {
-  for (const KernelTable* t : supported_tables())
-    if (isa == t->isa) return t;
-  return nullptr;
-}
-
-Choice& choice() {
-  // The best instruction set this CPU has, unless MYRNN_CPU_ISA names another one it has.
-  static Choice c = [] {
-    Choice init;
-    init.table = supported_tables().back();
-    if (const char* env = std::getenv("MYRNN_CPU_ISA"); env && *env)
-      if (const KernelTable* t = find_table(env)) init.table = t;
-    return init;
-  }();
-  return c;
+// The table knob cpu_isa selects: its choices are "auto" (the best), then supported_tables().
+const KernelTable& table() {
+  const auto& tables = supported_tables();
+  const int64_t choice = knobs::cpu_isa.get();
+  return choice == 0 ? *tables.back() : *tables[choice - 1];
 }
 
 template <typename T> const Kernels<T>& kernels();
-template <> const Kernels<float>& kernels<float>() { return choice().table->f32; }
-template <> const Kernels<double>& kernels<double>() { return choice().table->f64; }
+template <> const Kernels<float>& kernels<float>() { return table().f32; }
+template <> const Kernels<double>& kernels<double>() { return table().f64; }
 
-// Where the register-tiled recurrence beats one BLAS GEMM per step (2 cores, AVX-512, MKL;
-// forward and backward alike): every measured shape up to H = 512, by 2x at B = 1; beyond,
-// only thin batches, since each 4-row block streams W_hh (4 MB at H = 1024) from L3.
-constexpr int64_t kKernelMaxHidden = 512;
-constexpr int64_t kKernelMaxBatchAboveThat = 16;
-// Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
-constexpr int64_t kParallelMinWork = 1 << 17;
-
-bool use_kernel_path(int64_t hidden, int64_t batch) {
-  const std::string& path = choice().path;
-  if (path == "kernel") return true;
-  if (path == "blas") return false;
-  return hidden <= kKernelMaxHidden || (batch > 1 && batch <= kKernelMaxBatchAboveThat);
+bool use_tiles(int64_t hidden, int64_t batch) {
+  switch (knobs::cpu_path.as<knobs::CpuPath>()) {
+    case knobs::CpuPath::kTiles: return true;
+    case knobs::CpuPath::kGemm: return false;
+    default:
+      return hidden <= knobs::cpu_tiles_max_hidden.get() ||
+             (batch > 1 && batch <= knobs::cpu_tiles_max_batch.get());
+  }
 }
 
-// fn(r0, r1) over [0, batch) rows, one even share per thread of ATen's pool when worth it (rows
-// never interact, so each thread runs the whole sequence for its rows).
+// fn(r0, r1) over [0, batch) rows, one even share per thread of ATen's pool when `work` (in
+// multiply-adds) is worth waking it for (rows never interact, so each thread runs the whole
+// sequence for its rows).
 template <typename F>
 void for_rows(int64_t batch, int64_t work, const F& fn) {
-  if (batch < 2 || work < kParallelMinWork || at::get_num_threads() == 1) {
+  if (batch < 2 || work < knobs::cpu_parallel_min_work.get() || at::get_num_threads() == 1) {
     fn(int64_t{0}, batch);
     return;
   }
@@ -102,10 +89,6 @@ void for_rows(int64_t batch, int64_t work, const F& fn) {
 template <typename F>
 void for_elements(int64_t n, const F& fn) {
   at::parallel_for(0, n, 1 << 15, fn);
-}
-
-Steps steps_of(const Layout& l) {
-  return {l.steps, l.batch_sizes.data(), l.offsets.data(), l.hidden};
 }
 
 }  // namespace
@@ -123,11 +106,11 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
     return in_float32(rnn_forward, x.scalar_type(), x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity);
   const int64_t H = l.hidden;
   const at::Tensor rows = x.reshape({l.rows, l.input});
-  const std::optional<at::Tensor> bias = b_ih ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+  const std::optional<at::Tensor> bias = summed_bias(b_ih, b_hh);
   at::Tensor out;
   const at::Tensor h = h0.contiguous();
   at::Tensor h_n = at::empty_like(h);
-  if (l.steps == 0) h_n.copy_(h);
+  if (l.seq_len == 0) h_n.copy_(h);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
     const Kernels<scalar_t>& k = kernels<scalar_t>();
@@ -139,11 +122,11 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
       k.project_univariate(out.data_ptr<scalar_t>(), xc->const_data_ptr<scalar_t>(), wc->const_data_ptr<scalar_t>(),
                            bias ? bias->const_data_ptr<scalar_t>() : nullptr, l.rows, H);
     } else {
-      out = bias ? at::addmm(*bias, rows, w_ih.t()) : at::mm(rows, w_ih.t());
+      out = input_projection(rows, w_ih, bias);
     }
-    if (use_kernel_path(H, l.batch)) {
+    if (use_tiles(H, l.batch)) {
       const at::Tensor w_hh_t = w_hh.t().contiguous();
-      const Steps s = steps_of(l);
+      const Sequence s = l.sequence();
       for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
         k.forward(s, out.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
                   h_n.data_ptr<scalar_t>(), relu, r0, r1);
@@ -179,8 +162,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const Kernels<scalar_t>& k = kernels<scalar_t>();
     const scalar_t* go_p = go.defined() ? go.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* ghn_p = ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr;
-    if (use_kernel_path(H, l.batch)) {
-      const Steps s = steps_of(l);
+    if (use_tiles(H, B)) {
+      const Sequence s = l.sequence();
       for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
         k.backward(s, dz.data_ptr<scalar_t>(), go_p, ghn_p, y.const_data_ptr<scalar_t>(),
                    w.const_data_ptr<scalar_t>(), relu, r0, r1);
@@ -202,13 +185,13 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                     c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
-  const CellShape l = cell_shape(x, h, w_ih, w_hh, b_ih, b_hh);
+  const Layout l = cell_shape(x, h, w_ih, w_hh, b_ih, b_hh);
   if (is_reduced(x)) return in_float32(rnn_cell, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
   const int64_t B = l.batch, I = l.input, H = l.hidden;
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_cell", [&] {
     const Kernels<scalar_t>& k = kernels<scalar_t>();
-    if (B * H * (I + H) <= kParallelMinWork) {
+    if (B * H * (I + H) <= knobs::cpu_parallel_min_work.get()) {
       // Small enough that one pass of dot products beats three GEMM calls and their dispatch.
       y = at::detail::empty_cpu({B, H}, x.scalar_type(), /*pin_memory=*/false);  // no dispatch
       const auto xc = x.expect_contiguous(), hc = h.expect_contiguous();
@@ -223,17 +206,14 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
              b_ih ? bh->const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), B, I, H, relu);
       return;
     }
-    y = b_ih ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t());
-    y.addmm_(h, w_hh.t());
+    y = cell_preactivation(x, h, w_ih, w_hh, b_ih, b_hh);
     scalar_t* p = y.data_ptr<scalar_t>();
     for_elements(B * H, [&](int64_t i0, int64_t i1) { k.activate(p + i0, i1 - i0, relu); });
   });
   return y;
 }
 
-// ---- knobs for tests and benchmarks ---------------------------------------------------------
-
-std::string cpu_isa() { return choice().table->isa; }
+// ---- instruction sets -----------------------------------------------------------------------
 
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
@@ -241,19 +221,7 @@ std::vector<std::string> cpu_isas() {
   return names;
 }
 
-void set_cpu_isa(const std::string& isa) {
-  const KernelTable* t = find_table(isa);
-  TORCH_CHECK_VALUE(t, "myrnn_fast: instruction set '", isa, "' is not available on this CPU/build");
-  choice().table = t;
-}
-
-std::string cpu_path() { return choice().path; }
-
-void set_cpu_path(const std::string& path) {
-  TORCH_CHECK_VALUE(path == "auto" || path == "kernel" || path == "blas", "myrnn_fast: unknown CPU path '", path,
-                    "'; choose auto, kernel or blas");
-  choice().path = path;
-}
+std::string isa_in_use() { return table().isa; }
 
 }  // namespace myrnn_fast::cpu
 

@@ -1,0 +1,73 @@
+// The CPU recurrence kernels of path "tiles", compiled once per instruction set (see
+// CMakeLists.txt) and chosen at run time (knob cpu_isa). Plain C++ over raw row-major buffers:
+// shapes, dtypes, allocation, GEMMs and the thread pool belong to ops/rnn_cpu.cpp, which validates
+// everything before a pointer reaches here. Shapes below: N = rows (all steps' packed rows),
+// B = batch, I = input size, H = hidden; every buffer is contiguous and row-major.
+#pragma once
+
+#include "kernels/sequence.h"
+
+#include <cstdint>
+
+namespace myrnn_fast::cpu {
+
+template <typename T>
+struct Kernels {
+  // The forward recurrence h_t = act(p_t + h_{t-1} W_hh^T) of batch rows [r0, r1), every step.
+  //   s       the sequence (host arrays when packed)
+  //   out     [N, H] in: the input projections p = x W_ih^T + b; out: h_t. Read and overwritten
+  //           in place: step t reads step t-1's rows of `out` after they were written
+  //   h0      [B, H] the initial state
+  //   w_hh_t  [H, H] W_hh transposed ([k][j] = W_hh[j][k])
+  //   h_n     [B, H] out: each row's state after its last step; must not alias out or h0
+  //   relu    act = relu if true, else tanh
+  //   r0, r1  the rows this call runs; calls on disjoint ranges may run at the same time
+  void (*forward)(const Sequence& s, T* out, const T* h0, const T* w_hh_t, T* h_n, bool relu, int64_t r0,
+                  int64_t r1);
+  // The reverse recurrence dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t) of rows [r0, r1), where a
+  // row's last step takes grad_h_n instead of the product.
+  //   s         the sequence, as for forward
+  //   dz        [N, H] out: the gradient at the pre-activations; must not alias the inputs
+  //   grad_out  [N, H] the gradient of out, or null for zeros
+  //   grad_h_n  [B, H] the gradient of h_n, or null for zeros
+  //   out       [N, H] the forward's output y = act(z)
+  //   w_hh      [H, H] W_hh itself (not transposed)
+  //   relu, r0, r1  as for forward
+  void (*backward)(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const T* w_hh,
+                   bool relu, int64_t r0, int64_t r1);
+  // The input projection of univariate input (I = 1) in one pass: out[n, :] = x[n] w + b. A GEMM
+  // with inner dimension 1 runs far below BLAS speed and, with a bias, writes the output twice;
+  // this is the same single product and sum per element.
+  //   out   [rows, hidden] out
+  //   x     [rows] the input
+  //   w     [hidden] W_ih's only column
+  //   b     [hidden] b_ih + b_hh, or null for none
+  void (*project_univariate)(T* out, const T* x, const T* w, const T* b, int64_t rows, int64_t hidden);
+  // The elementwise pieces of path "gemm", in place over n values:
+  //   activate:  y = act(y)
+  //   mul_dact:  g *= act'(z), where y [n] holds act(z); y must not alias g
+  void (*activate)(T* y, int64_t n, bool relu);
+  void (*mul_dact)(T* g, const T* y, int64_t n, bool relu);
+  // One RNNCell step for small sizes, without any GEMM call: y = act(x W_ih^T + h W_hh^T + b_ih + b_hh).
+  //   x [batch, input], h [batch, hidden], w_ih [hidden, input], w_hh [hidden, hidden]
+  //   b_ih, b_hh  [hidden] each, or both null
+  //   y  [batch, hidden] out; must not alias x or h
+  void (*cell)(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* y,
+               int64_t batch, int64_t input, int64_t hidden, bool relu);
+};
+
+struct KernelTable {
+  const char* isa;
+  Kernels<float> f32;
+  Kernels<double> f64;
+};
+
+const KernelTable& kernels_baseline();
+#ifdef MYRNN_HAVE_AVX2
+const KernelTable& kernels_avx2();
+#endif
+#ifdef MYRNN_HAVE_AVX512
+const KernelTable& kernels_avx512();
+#endif
+
+}  // namespace myrnn_fast::cpu

@@ -190,7 +190,11 @@ def bind(owner: str, apply: Callable[[str, Any], None], *, now: bool = True) -> 
         if now:
             for knob in KNOBS.values():
                 if knob.owner == owner:
-                    apply(knob.name, _values[knob.name])
+                    try:
+                        apply(knob.name, _values[knob.name])
+                    except ValueError as exc:  # say where a value this machine refuses came from
+                        where = knob.env if _sources[knob.name] == "environment" else f"config {knob.name!r}"
+                        raise ValueError(f"{where}: {exc}") from None
         _sinks.setdefault(owner, []).append(apply)
 
 

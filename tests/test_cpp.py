@@ -1,7 +1,6 @@
 """The cpp backend's ops as torch sees them: opcheck, torch.compile(fullgraph=True), and parity for
 every instruction set and both recurrence paths the extension can take on this machine."""
 
-import contextlib
 import itertools
 import json
 import os
@@ -13,7 +12,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import myrnn_fast
-from myrnn_fast import registry
+from myrnn_fast import config, registry
 
 from parity import cell_pair, check_module, layer_args as _layer_args, randn as _randn, rnn_pair
 
@@ -29,24 +28,11 @@ else:
     ISAS = []
 
 
-@contextlib.contextmanager
-def knobs_set(**values):
-    """Set the extension's knobs (``_C.set_knob``) for the block, then restore their values."""
-    before = _C.knobs()
-    try:
-        for name, value in values.items():
-            _C.set_knob(name, value)
-        yield
-    finally:
-        for name in values:
-            _C.set_knob(name, before[name])
-
-
 @pytest.fixture(params=list(itertools.product(ISAS, ["tiles", "gemm"])), ids=lambda p: "-".join(p))
 def isa_path(request):
     """Run the test with one instruction set and one recurrence path forced, then restore."""
     isa, path = request.param
-    with knobs_set(cpu_isa=isa, cpu_path=path):
+    with config.override(cpu_isa=isa, cpu_path=path):
         yield request.param
 
 
@@ -238,19 +224,18 @@ def test_build_info_names_the_isa_in_use():
     assert _C.knobs()["cpu_isa"] == "auto"
     assert json.loads(_C.build_info())["cpu_isa"] == ISAS[-1]  # auto: the best one
     for isa in ISAS:
-        with knobs_set(cpu_isa=isa):
+        with config.override(cpu_isa=isa):
             assert _C.knobs()["cpu_isa"] == isa
             assert json.loads(_C.build_info())["cpu_isa"] == isa
     assert ISAS[0] == "baseline"
 
 
 def test_knobs_report_every_knob_with_its_default():
-    defaults = {"cpu_isa": "auto", "cpu_path": "auto", "cpu_tiles_max_hidden": 512, "cpu_tiles_max_batch": 16,
-                "cpu_parallel_min_work": 131072, "cpu_cell_gil_release_min_work": 65536}
-    if json.loads(_C.build_info())["cuda"]:
-        defaults.update(cuda_path="auto", cuda_rows_per_block=0)
+    # The extension's own defaults are config's, so a C++ caller without Python gets the same.
+    owners = ("cpp", "cuda") if json.loads(_C.build_info())["cuda"] else ("cpp",)
+    defaults = {k.name: k.default for k in config.KNOBS.values() if k.owner in owners}
     assert _C.knobs() == defaults
-    with knobs_set(cpu_path="gemm", cpu_tiles_max_hidden=7):
+    with config.override(cpu_path="gemm", cpu_tiles_max_hidden=7):
         assert _C.knobs() == {**defaults, "cpu_path": "gemm", "cpu_tiles_max_hidden": 7}
     assert _C.knobs() == defaults
 
@@ -273,10 +258,22 @@ def test_bad_knob_values_raise_value_error():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_env_var_selects_isa(isa):
-    code = "from myrnn_fast import _C; print(_C.cpu_isa())"
+    code = "import json, myrnn_fast; from myrnn_fast import _C; myrnn_fast.available_backends(); " \
+           "print(_C.knobs()['cpu_isa'], json.loads(_C.build_info())['cpu_isa'])"
     env = {**os.environ, "MYRNN_CPU_ISA": isa}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == isa
+    assert result.stdout.split() == [isa, isa]
+
+
+def test_env_var_naming_an_isa_this_cpu_lacks_is_an_error_listing_the_ones_it_has():
+    missing = [isa for isa in ("baseline", "avx2", "avx512") if isa not in ISAS]
+    if not missing:
+        pytest.skip("this CPU and build support every instruction set")
+    code = "import myrnn_fast; myrnn_fast.available_backends()"
+    env = {**os.environ, "MYRNN_CPU_ISA": missing[-1]}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"ValueError: MYRNN_CPU_ISA: cpu_isa must be one of auto, {', '.join(ISAS)}" in result.stderr
 
 
 def test_auto_resolves_to_cpp_on_cpu():
@@ -354,7 +351,7 @@ def test_backward_paths_agree_for_every_incoming_grad(packed, grads, nonlinearit
     grad_h_n = _randn(*h_n.shape, seed=8, grad=False) if grads in ("both", "h_n only") else None
     results = {}
     for path in ("tiles", "gemm"):
-        with knobs_set(cpu_path=path):
+        with config.override(cpu_path=path):
             results[path] = ops.rnn_backward(grad_out, grad_h_n, *detached, out, sizes, nonlinearity, True)
     for name, a, b in zip(("x", "h0", "w_ih", "w_hh", "b"), results["tiles"], results["gemm"]):
         torch.testing.assert_close(b, a, msg=lambda m: f"grad of {name}: {m}")

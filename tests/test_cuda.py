@@ -11,10 +11,9 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import myrnn_fast
-from myrnn_fast import registry
+from myrnn_fast import config, registry
 
 from parity import assert_close, cell_pair, check_module, layer_args, randn, rnn_pair
-from test_cpp import knobs_set
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -43,7 +42,7 @@ def exact_float32():
 def path(request):
     """Force one recurrence path for the test, then go back to choosing: the persistent kernels with
     W_hh in registers or in shared memory, or the per-step cuBLAS loop."""
-    with knobs_set(cuda_path=request.param):
+    with config.override(cuda_path=request.param):
         yield request.param
 
 
@@ -57,7 +56,7 @@ def skip_unless_fits(path, H, dtype):
                 ids=lambda rp: f"rows{rp[0]}-{rp[1]}")
 def rows_per_block(request):
     rows, path = request.param
-    with knobs_set(cuda_path=path, cuda_rows_per_block=rows):
+    with config.override(cuda_path=path, cuda_rows_per_block=rows):
         yield rows
 
 
@@ -301,7 +300,7 @@ def test_no_host_synchronization(path, packed_input):
 @pytest.mark.parametrize("forced", ["registers", "shared"])
 def test_forced_persistent_path_runs_a_batch_larger_than_one_wave(forced):
     # 20,000 rows at 8 per block is more blocks than an H100 holds at once: several waves.
-    with knobs_set(cuda_path=forced):
+    with config.override(cuda_path=forced):
         ref, ours = rnn_pair("cpp", I, 64, 1, dtype=torch.float32, device=CUDA)
         x = _randn(3, 20_000, I, dtype=torch.float32, grad=False)
         with torch.no_grad():
@@ -365,5 +364,5 @@ def test_bad_knob_values_raise_value_error():
 ])
 def test_forced_persistent_paths_refuse_what_does_not_fit(forced, H, message):
     args = _layer_args(H=H, dtype=torch.float64)
-    with knobs_set(cuda_path=forced), pytest.raises(RuntimeError, match=message):
+    with config.override(cuda_path=forced), pytest.raises(RuntimeError, match=message):
         ops.rnn_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])

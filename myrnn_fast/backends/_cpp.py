@@ -1,12 +1,13 @@
 """``cpp``: the extension's fused ops, one call per layer forward and one per layer backward.
 
-Where a time step happens: on the CPU, ``csrc/rnn_cpu_kernels.cpp`` (``forward`` / ``backward``,
-register-tiled for small hidden sizes) or, for large ones, the per-step BLAS loop of
-``csrc/rnn_layer.h``; on CUDA (when the extension was built with it), the persistent kernels of
-``csrc/rnn_cuda_device.cuh`` (one launch per sequence, W_hh in registers or shared memory) or the
-same per-step loop on cuBLAS. The ops and their autograd are declared in :mod:`myrnn_fast.ops`. The kernels cover
-float32 and float64 (float16 and bfloat16 computed in float32); complex RNNs, which torch.nn also
-accepts, run through the torch backend's vectorized loop instead.
+Where a time step happens: on the CPU, ``csrc/kernels/cpu/rnn_cpu_kernels.cpp`` (path ``tiles``:
+register-tiled, for small hidden sizes) or the per-step GEMM loop of ``csrc/ops/rnn_layer.h``
+(path ``gemm``); on CUDA (when the extension was built with it), the persistent kernels of
+``csrc/kernels/cuda/rnn_cuda_device.cuh`` (one launch per sequence, W_hh in registers or shared
+memory) or the same per-step loop on cuBLAS. The ops and their autograd are declared in
+:mod:`myrnn_fast.ops`; the knobs that pick a path are :mod:`myrnn_fast.config`'s ``cpu_*`` and
+``cuda_*``. The kernels cover float32 and float64 (float16 and bfloat16 computed in float32);
+complex RNNs, which torch.nn also accepts, run through the torch backend's vectorized loop instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import config
 from . import _torch
 
 try:
@@ -30,6 +32,11 @@ else:
         _FORWARD["cuda"] = _C.rnn_forward_cuda
         _CELL["cuda"] = _C.rnn_cell_cuda
     DEVICE_TYPES = tuple(_FORWARD)
+    # From here on the extension's knobs follow myrnn_fast.config (a value this CPU or build
+    # cannot take, such as an instruction set it lacks, is a ValueError now).
+    config.bind("cpp", _C.set_knob)
+    if "cuda" in DEVICE_TYPES:
+        config.bind("cuda", _C.set_knob)
 
 
 def unavailable_reason() -> str | None:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _torch
-from ._common import activation, as_rows, like_input
+from ._common import as_rows, check_layer_args, function_grads, gemm_grads, input_projection, like_input, needed_grads
 
 DEVICE_TYPES = ("cpu",)
 
@@ -282,9 +282,9 @@ def _threads(rows: int, work: int) -> int:
     return max(n, 1)
 
 
-def _plan(steps: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    sizes = np.asarray(steps, dtype=np.int64)
-    offsets = np.zeros(len(steps), dtype=np.int64)
+def _plan(batch_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    sizes = np.asarray(batch_sizes, dtype=np.int64)
+    offsets = np.zeros(len(batch_sizes), dtype=np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
     return sizes, offsets
 
@@ -295,15 +295,11 @@ def _view(t: Tensor) -> np.ndarray:
 
 class _Layer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, h0, w_ih, w_hh, b_ih, b_hh, steps, relu):
-        if b_ih is None:
-            out = rows @ w_ih.t()
-        else:
-            out = torch.addmm(b_ih + b_hh, rows, w_ih.t())
-        out = out.contiguous()
+    def forward(ctx, rows, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, relu):
+        out = input_projection(rows, w_ih, b_ih, b_hh).contiguous()  # the kernels add the rest
         h0c = h0.contiguous()
         h_n = torch.empty_like(h0c)
-        sizes, offsets = _plan(steps)
+        sizes, offsets = _plan(batch_sizes)
         hidden = w_hh.shape[0]
         if hidden >= _BLAS_MIN_HIDDEN:
             scratch = np.empty((h0.shape[0], hidden), dtype=_view(out).dtype)
@@ -318,80 +314,44 @@ class _Layer(torch.autograd.Function):
             else:
                 _forward_rows(_view(out), _view(h0c), w, sizes, offsets, relu, 0, h0.shape[0], _view(h_n))
 
-        ctx.save_for_backward(rows, h0, w_ih, w_hh, b_ih, b_hh, out)
-        ctx.steps, ctx.plan, ctx.relu = steps, (sizes, offsets), relu
+        ctx.save_for_backward(rows, h0, w_ih, w_hh, out)
+        ctx.batch_sizes, ctx.plan, ctx.relu, ctx.has_bias = batch_sizes, (sizes, offsets), relu, b_ih is not None
         return out, h_n
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n):
-        rows, h0, w_ih, w_hh, b_ih, b_hh, out = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        rows, h0, w_ih, w_hh, out = ctx.saved_tensors
+        need = needed_grads(ctx)
         if torch.is_grad_enabled():
-            # create_graph: the backward must itself be differentiable. Recompute the layer
-            # with the torch backend's differentiable operations and differentiate that.
-            return _differentiable_backward(ctx, grad_out, grad_h_n)
-
-        sizes, offsets = ctx.plan
-        batch, hidden = h0.shape
-        grad_out = grad_out.contiguous()
-        grad_h_n = grad_h_n.contiguous()
-        dz = torch.empty_like(out)
-        relu = ctx.relu
-        if hidden >= _BLAS_MIN_HIDDEN:
-            scratch = np.empty((batch, hidden), dtype=_view(out).dtype)
-            _backward_blas(_view(dz), _view(grad_out), _view(grad_h_n), _view(out), _view(w_hh.contiguous()),
-                           sizes, offsets, relu, scratch)
+            # create_graph: the backward must itself be differentiable, and the torch backend's
+            # is (the cpp backend does the same).
+            grads = _torch.layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, ctx.batch_sizes, ctx.relu, need)
         else:
-            wt = _view(w_hh.t().contiguous())
-            chunks = _threads(batch, out.shape[0] * hidden * hidden)
-            if chunks > 1:
-                numba.set_num_threads(chunks)
-                _backward_parallel(_view(dz), _view(grad_out), _view(grad_h_n), _view(out), wt, sizes, offsets, relu, chunks)
-            else:
-                _backward_rows(_view(dz), _view(grad_out), _view(grad_h_n), _view(out), wt, sizes, offsets, relu, 0, batch)
-
-        # Everything left is one GEMM or reduction over all steps at once.
-        grad_rows = dz @ w_ih if need[0] else None
-        grad_h0 = dz[:batch] @ w_hh if need[1] else None  # step 0 holds every row
-        grad_w_ih = dz.t() @ rows if need[2] else None
-        grad_w_hh = None
-        if need[3]:
-            # h_{t-1} of every packed row: h0 for step 0's rows, the same row's previous output
-            # after that (for dense input: out shifted by one step).
-            if sizes.size and (sizes == batch).all():
-                before = out[: out.shape[0] - batch]
-            else:
-                before = out.index_select(0, torch.from_numpy(_previous_row_index(sizes, offsets)))
-            grad_w_hh = torch.addmm(dz[:batch].t() @ h0, dz[batch:].t(), before)
-        grad_b = dz.sum(0) if b_ih is not None and (need[4] or need[5]) else None
-        return grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None
+            dz = _reverse_recurrence(ctx.plan, ctx.relu, grad_out, grad_h_n, w_hh, out)
+            grads = gemm_grads(dz, rows, h0, w_ih, w_hh, out, ctx.batch_sizes, need)
+        return function_grads(grads)
 
 
-@njit(cache=True)
-def _previous_row_index(sizes, offsets):
-    """For each packed row of steps 1.., the index of the same batch row one step earlier."""
-    n = 0
-    for t in range(1, sizes.shape[0]):
-        n += sizes[t]
-    index = np.empty(n, dtype=np.int64)
-    i = 0
-    for t in range(1, sizes.shape[0]):
-        for b in range(sizes[t]):
-            index[i] = offsets[t - 1] + b
-            i += 1
-    return index
-
-
-def _differentiable_backward(ctx, grad_out, grad_h_n):
-    """The torch backend's backward formulas, which are differentiable: a backward with
-    create_graph=True needs a graph of itself (the cpp backend does the same)."""
-    rows, h0, w_ih, w_hh, b_ih, _, out = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    *grads, grad_b = _torch.layer_backward(
-        grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, ctx.steps, ctx.relu,
-        need[:4] + (b_ih is not None and (need[4] or need[5]),),
-    )
-    return (*grads, grad_b, grad_b, None, None)
+def _reverse_recurrence(plan, relu, grad_out, grad_h_n, w_hh, out) -> Tensor:
+    """dz, the gradient of every row's pre-activation, from the backward kernels."""
+    sizes, offsets = plan
+    batch, hidden = grad_h_n.shape
+    grad_out = grad_out.contiguous()
+    grad_h_n = grad_h_n.contiguous()
+    dz = torch.empty_like(out)
+    if hidden >= _BLAS_MIN_HIDDEN:
+        scratch = np.empty((batch, hidden), dtype=_view(out).dtype)
+        _backward_blas(_view(dz), _view(grad_out), _view(grad_h_n), _view(out), _view(w_hh.contiguous()),
+                       sizes, offsets, relu, scratch)
+    else:
+        wt = _view(w_hh.t().contiguous())
+        chunks = _threads(batch, out.shape[0] * hidden * hidden)
+        if chunks > 1:
+            numba.set_num_threads(chunks)
+            _backward_parallel(_view(dz), _view(grad_out), _view(grad_h_n), _view(out), wt, sizes, offsets, relu, chunks)
+        else:
+            _backward_rows(_view(dz), _view(grad_out), _view(grad_h_n), _view(out), wt, sizes, offsets, relu, 0, batch)
+    return dz
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,59 +359,6 @@ def _differentiable_backward(ctx, grad_out, grad_h_n):
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _UPCAST = (torch.float16, torch.bfloat16)
-
-
-def _check(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes) -> None:
-    activation(nonlinearity if isinstance(nonlinearity, str) else repr(nonlinearity))
-    tensors = {"x": x, "h0": h0, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh}
-    for name, t in tensors.items():
-        if t is None and name in ("b_ih", "b_hh"):
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"numba backend: {name} must be a Tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
-            raise RuntimeError(
-                f"numba backend: {name} is on device {t.device}; it runs on CPU tensors only "
-                "(the cpp backend and the torch backend run on CUDA)"
-            )
-        if t.dtype != x.dtype:
-            raise RuntimeError(f"numba backend: {name} is {t.dtype} but x is {x.dtype}; all must match")
-    if (b_ih is None) != (b_hh is None):
-        raise RuntimeError("numba backend: b_ih and b_hh must both be given or both be None")
-    if not (x.is_floating_point() or x.is_complex()):
-        raise RuntimeError(f"numba backend: floating-point tensors expected, got {x.dtype}")
-    hidden = w_hh.shape[0] if w_hh.dim() == 2 else -1
-    if w_hh.dim() != 2 or w_hh.shape[1] != hidden:
-        raise RuntimeError(f"numba backend: w_hh must be [H, H], got {list(w_hh.shape)}")
-    features = x.shape[-1] if x.dim() else -1
-    if w_ih.dim() != 2 or w_ih.shape[0] != hidden or w_ih.shape[1] != features:
-        raise RuntimeError(f"numba backend: w_ih must be [H={hidden}, I={features}], got {list(w_ih.shape)}")
-    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
-        if b is not None and (b.dim() != 1 or b.shape[0] != hidden):
-            raise RuntimeError(f"numba backend: {name} must be [H={hidden}], got {list(b.shape)}")
-    if h0.dim() != 2 or h0.shape[1] != hidden:
-        raise RuntimeError(f"numba backend: h0 must be [B, H={hidden}], got {list(h0.shape)}")
-    if batch_sizes is None:
-        if x.dim() != 3:
-            raise RuntimeError(f"numba backend: x must be [T, B, I] without batch_sizes, got {list(x.shape)}")
-        if x.shape[1] != h0.shape[0]:
-            raise RuntimeError(f"numba backend: x has batch {x.shape[1]} but h0 has {h0.shape[0]}")
-        if x.shape[0] == 0:
-            raise RuntimeError("numba backend: the sequence is empty (T = 0)")
-        return
-    if not isinstance(batch_sizes, Tensor) or batch_sizes.device.type != "cpu":
-        raise RuntimeError("numba backend: batch_sizes must be a CPU tensor")
-    if batch_sizes.dtype != torch.int64 or batch_sizes.dim() != 1 or batch_sizes.numel() == 0:
-        raise RuntimeError("numba backend: batch_sizes must be a non-empty 1-D int64 tensor")
-    if x.dim() != 2:
-        raise RuntimeError(f"numba backend: packed x must be [N, I], got {list(x.shape)}")
-    s = batch_sizes
-    if bool((s <= 0).any()) or bool((s[1:] > s[:-1]).any()):
-        raise RuntimeError(f"numba backend: batch_sizes must be positive and non-increasing, got {s.tolist()}")
-    if int(s[0]) != h0.shape[0]:
-        raise RuntimeError(f"numba backend: batch_sizes[0] = {int(s[0])} but h0 has batch {h0.shape[0]}")
-    if int(s.sum()) != x.shape[0]:
-        raise RuntimeError(f"numba backend: batch_sizes sum to {int(s.sum())} but x has {x.shape[0]} rows")
 
 
 def layer(
@@ -464,7 +371,7 @@ def layer(
     nonlinearity: str,
     batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    _check(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
+    check_layer_args("numba", x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
     dtype = x.dtype
     if dtype.is_complex:
         # torch.nn accepts complex RNNs; the kernels are real. The torch backend's loop takes
@@ -477,9 +384,9 @@ def layer(
         return out.to(dtype), h_n.to(dtype)
     if dtype not in _KERNEL_DTYPES:
         raise TypeError(f"numba backend: unsupported dtype {dtype}")
-    rows, steps = as_rows(x, batch_sizes)
-    out, h_n = _Layer.apply(rows, h0, w_ih, w_hh, b_ih, b_hh, steps, nonlinearity == "relu")
-    return like_input(out, x, batch_sizes), h_n
+    rows, batch_sizes = as_rows(x, batch_sizes)  # a list from here on
+    out, h_n = _Layer.apply(rows, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity == "relu")
+    return like_input(out, x), h_n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +403,7 @@ def warm_up() -> dict:
         return _compile_info
     start = time.perf_counter()
     kernels = (_forward_rows, _forward_parallel, _forward_blas, _backward_rows, _backward_parallel,
-               _backward_blas, _previous_row_index)
+               _backward_blas)
     for dtype in (np.float32, np.float64):
         out, h0, h_n, w = (np.zeros(s, dtype) for s in ((2, 1), (1, 1), (1, 1), (1, 1)))
         sizes, offsets = _plan([1, 1])
@@ -507,7 +414,6 @@ def warm_up() -> dict:
         _backward_rows(out.copy(), out, h0, out, w, *args, 0, 1)
         _backward_parallel(out.copy(), out, h0, out, w, *args, 1)
         _backward_blas(out.copy(), out, h0, out, w, *args, h0.copy())
-    _previous_row_index(sizes, offsets)
     hits = sum(sum(k.stats.cache_hits.values()) for k in kernels)
     misses = sum(sum(k.stats.cache_misses.values()) for k in kernels)
     _compile_info = {

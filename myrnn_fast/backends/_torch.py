@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import activation, as_rows, function_grads, gemm_grads, input_projection, like_input, needed_grads
+from ._common import (
+    activation, as_rows, function_grads, gemm_grads, input_projection, like_input,
+    needed_grads,
+)
 
 DEVICE_TYPES = None  # plain torch operations run wherever torch does
 

@@ -55,9 +55,9 @@ def input_projection(rows: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tens
 
 def previous_rows(batch_sizes: list[int], device: torch.device) -> Tensor:
     """For the packed rows of steps 1.., the row index of the same batch row one step earlier."""
-    sizes = torch.tensor(batch_sizes, dtype=torch.long)
-    step_of_row = torch.repeat_interleave(torch.arange(len(batch_sizes)), sizes)[batch_sizes[0] :]
-    index = torch.arange(batch_sizes[0], int(sizes.sum())) - sizes[step_of_row - 1]
+    counts = torch.tensor(batch_sizes, dtype=torch.long)
+    step_of_row = torch.repeat_interleave(torch.arange(len(batch_sizes)), counts)[batch_sizes[0] :]
+    index = torch.arange(batch_sizes[0], int(counts.sum())) - counts[step_of_row - 1]
     return index.to(device)
 
 

@@ -8,6 +8,7 @@ The extension has its own copies of the formulas (``csrc/rnn_layer.h``) and of t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,11 +55,12 @@ def input_projection(rows: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tens
 
 
 def previous_rows(batch_sizes: list[int], device: torch.device) -> Tensor:
-    """For the packed rows of steps 1.., the row index of the same batch row one step earlier."""
-    counts = torch.tensor(batch_sizes, dtype=torch.long)
-    step_of_row = torch.repeat_interleave(torch.arange(len(batch_sizes)), counts)[batch_sizes[0] :]
-    index = torch.arange(batch_sizes[0], int(counts.sum())) - counts[step_of_row - 1]
-    return index.to(device)
+    """For the packed rows of steps 1.., the row index of the same batch row one step earlier:
+    row ``offsets[t] + b`` came from ``offsets[t - 1] + b``, ``batch_sizes[t - 1]`` rows before.
+    Built in NumPy, which does this small integer work a few times faster than torch."""
+    counts = np.asarray(batch_sizes, dtype=np.int64)
+    index = np.arange(batch_sizes[0], counts.sum()) - np.repeat(counts[:-1], counts[1:])
+    return torch.from_numpy(index).to(device)
 
 
 def gemm_grads(

@@ -125,7 +125,7 @@ def _threads(rows: int, work: int) -> int:
 def _plan(batch_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """``(batch_sizes, offsets)`` as the kernels take them: int64 arrays."""
     array = np.asarray(batch_sizes, dtype=np.int64)
-    offsets = np.zeros_like(array)
+    offsets = np.zeros(len(batch_sizes), dtype=np.int64)
     np.cumsum(array[:-1], out=offsets[1:])
     return array, offsets
 

@@ -69,6 +69,55 @@ def _reverse_index(batch_sizes: Tensor) -> Tensor:
     return offsets[lengths[b] - 1 - t] + b
 
 
+def _check_rnn_args(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout, kwargs) -> None:
+    """``RNN``'s constructor arguments, checked in torch.nn.RNN's order, with its exception types
+    and messages (and its warning for dropout on a single layer)."""
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    if kwargs:
+        raise TypeError(f"RNN got an unexpected keyword argument {next(iter(kwargs))!r}")
+    if nonlinearity not in _MODES:
+        raise ValueError(
+            f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+        )
+    if (
+        not isinstance(dropout, numbers.Number)
+        or isinstance(dropout, bool)
+        or not 0 <= dropout <= 1
+    ):
+        raise ValueError(
+            "dropout should be a number in range [0, 1] representing the probability of an "
+            "element being zeroed"
+        )
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(
+            "dropout option adds dropout after all but last recurrent layer, so non-zero "
+            f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+            f"num_layers={num_layers}",
+            stacklevel=3,  # the caller of RNN(...)
+        )
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+    if not isinstance(batch_first, bool):
+        raise TypeError(
+            f"batch_first should be of type bool, got: {type(batch_first).__name__}"
+        )
+    if not isinstance(input_size, int):
+        raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+    if input_size <= 0:
+        raise ValueError("input_size must be greater than zero")
+    if not isinstance(hidden_size, int):
+        raise TypeError(
+            f"hidden_size should be of type int, got: {type(hidden_size).__name__}"
+        )
+    if hidden_size <= 0:
+        raise ValueError("hidden_size must be greater than zero")
+    if not isinstance(num_layers, int):
+        raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+    if num_layers <= 0:
+        raise ValueError("num_layers must be greater than zero")
+
+
 class RNN(nn.Module):
     """Multi-layer Elman RNN with tanh or ReLU, a drop-in for :class:`torch.nn.RNN`.
 
@@ -104,52 +153,7 @@ class RNN(nn.Module):
         backend: str | None = None,
         **kwargs,
     ) -> None:
-        # Checks in torch.nn.RNN's order, with its exception types and messages.
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if kwargs:
-            raise TypeError(f"RNN got an unexpected keyword argument {next(iter(kwargs))!r}")
-        if nonlinearity not in _MODES:
-            raise ValueError(
-                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
-            )
-        if (
-            not isinstance(dropout, numbers.Number)
-            or isinstance(dropout, bool)
-            or not 0 <= dropout <= 1
-        ):
-            raise ValueError(
-                "dropout should be a number in range [0, 1] representing the probability of an "
-                "element being zeroed"
-            )
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout option adds dropout after all but last recurrent layer, so non-zero "
-                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
-                f"num_layers={num_layers}",
-                stacklevel=2,
-            )
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
-        if not isinstance(batch_first, bool):
-            raise TypeError(
-                f"batch_first should be of type bool, got: {type(batch_first).__name__}"
-            )
-        if not isinstance(input_size, int):
-            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
-        if input_size <= 0:
-            raise ValueError("input_size must be greater than zero")
-        if not isinstance(hidden_size, int):
-            raise TypeError(
-                f"hidden_size should be of type int, got: {type(hidden_size).__name__}"
-            )
-        if hidden_size <= 0:
-            raise ValueError("hidden_size must be greater than zero")
-        if not isinstance(num_layers, int):
-            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
-        if num_layers <= 0:
-            raise ValueError("num_layers must be greater than zero")
-
+        _check_rnn_args(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout, kwargs)
         super().__init__()
         self.mode = _MODES[nonlinearity]
         self.nonlinearity = nonlinearity

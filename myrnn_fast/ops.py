@@ -118,25 +118,26 @@ def rnn_forward_backward(ctx, grad_out, grad_h_n):
     formulas when autograd records the backward itself (create_graph=True)."""
     x, h0, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
-    backward = _differentiable_backward if torch.is_grad_enabled() else rnn_backward
+    backward = _rnn_backward_with_graph if torch.is_grad_enabled() else rnn_backward
     grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b = backward(
         grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes, ctx.nonlinearity, need_x
     )
     return (grad_x if need_x else None, grad_h0, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_b), None, None)
 
 
-def _differentiable_backward(grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes, nonlinearity, need_grad_x):
+def _rnn_backward_with_graph(grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes, nonlinearity, need_grad_x):
     """``rnn_backward`` in differentiable torch operations (the torch backend's formulas), for a
     backward run with ``create_graph=True``: double backward needs a graph of the backward."""
+    from .backends._common import as_rows
     from .backends._torch import layer_backward
 
     hidden = w_hh.shape[0]
-    steps = [x.shape[1]] * x.shape[0] if batch_sizes is None else batch_sizes.tolist()
+    rows, batch_sizes = as_rows(x, batch_sizes)  # a list from here on
     out_rows = out.reshape(-1, hidden)
     grad_out = torch.zeros_like(out_rows) if grad_out is None else grad_out.reshape(-1, hidden)
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_rows, *rest = layer_backward(
-        grad_out, grad_h_n, x.reshape(-1, w_ih.shape[1]), h0, w_ih, w_hh, out_rows, steps,
+        grad_out, grad_h_n, rows, h0, w_ih, w_hh, out_rows, batch_sizes,
         nonlinearity == "relu", (need_grad_x, True, True, True, True),
     )
     return (grad_rows.view(x.shape) if need_grad_x else None, *rest)
@@ -158,7 +159,7 @@ def _rnn_cell_backward(ctx, grad_y):
     # A cell step is a one-step layer: its backward is the layer's with T = 1.
     x, h, w_ih, w_hh, y = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
-    backward = _differentiable_backward if torch.is_grad_enabled() else rnn_backward
+    backward = _rnn_backward_with_graph if torch.is_grad_enabled() else rnn_backward
     grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b = backward(
         grad_y.unsqueeze(0), None, x.unsqueeze(0), h, w_ih, w_hh, y.unsqueeze(0), None, ctx.nonlinearity, need_x
     )

@@ -142,20 +142,9 @@ RNN_WEIGHT_CASES = {
 }
 
 
-# Failures found and reported, each pinned until its backend is fixed: (backend, case) -> why.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
-
-
-def _known_failure(request, backend, case_id):
-    reason = KNOWN_FAILURES.get((backend, case_id))
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 @pytest.mark.parametrize("case", RNN_WEIGHT_CASES)
-def test_rnn_weights(request, backend, case):
+def test_rnn_weights(backend, case):
     name, change = RNN_WEIGHT_CASES[case]
-    _known_failure(request, backend, case)
     ref, ours = rnn_pair(backend, 3, 4, num_layers=2, dtype=torch.float32)
     value = change(getattr(ref, name).detach())
     _replace(ref, name, value)
@@ -175,9 +164,8 @@ CELL_WEIGHT_CASES = {
 
 
 @pytest.mark.parametrize("case", CELL_WEIGHT_CASES)
-def test_cell_weights(request, backend, case):
+def test_cell_weights(backend, case):
     name, change = CELL_WEIGHT_CASES[case]
-    _known_failure(request, backend, case)
     ref, ours = cell_pair(backend, 3, 4, dtype=torch.float32)
     value = change(getattr(ref, name).detach())
     _replace(ref, name, value)

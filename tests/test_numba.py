@@ -18,7 +18,8 @@ if "numba" not in myrnn_fast.available_backends():
 
 import numba  # noqa: E402
 
-from myrnn_fast.backends import _numba, _torch  # noqa: E402
+from myrnn_fast import config  # noqa: E402
+from myrnn_fast.backends import _numba, _numba_kernels, _torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def compiled():
 
 
 def _child(code: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "MYRNN_"))}
+    # A fresh process: without this one's settings, which running the backend here may have made.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "MYRNN_")) and k != "OPENBLAS_NUM_THREADS"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -35,14 +37,14 @@ def _child(code: str) -> dict:
 
 def test_kernels_are_cached_on_disk(compiled):
     cache = Path(compiled["cache_dir"])
-    indexes = list(cache.glob("_numba.*.nbi"))
+    indexes = list(cache.glob("_numba_kernels.*.nbi"))
     assert indexes, f"no numba cache index in {cache}"
-    assert compiled["cache_hits"] + compiled["cache_misses"] == 13  # 6 kernels x 2 dtypes + 1
+    assert compiled["cache_hits"] + compiled["cache_misses"] == 12  # 6 kernels x 2 dtypes
 
 
 def test_a_second_process_loads_from_the_cache(compiled):
     info = _child("import json; from myrnn_fast.backends import _numba; print(json.dumps(_numba.warm_up()))")
-    assert info["cache_misses"] == 0 and info["cache_hits"] == 13
+    assert info["cache_misses"] == 0 and info["cache_hits"] == 12
     assert info["cache_dir"] == compiled["cache_dir"]
 
 
@@ -67,9 +69,37 @@ def test_threads_follow_torch():
         torch.set_num_threads(before)
 
 
+def test_importing_changes_no_process_state_until_first_use():
+    # The registry imports every backend to ask whether it is usable: only running the numba
+    # backend may choose Numba's threading layer, size OpenBLAS's threads or load SciPy's BLAS.
+    info = _child(
+        """
+import json, os, sys, numba, torch
+priority = list(numba.config.THREADING_LAYER_PRIORITY)
+import myrnn_fast
+backends = myrnn_fast.available_backends()
+state = lambda: {"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+                 "scipy.linalg": "scipy.linalg" in sys.modules,
+                 "priority": list(numba.config.THREADING_LAYER_PRIORITY)}
+before = state()
+from myrnn_fast.backends import _numba
+_numba.layer(torch.randn(2, 1, 3), torch.zeros(1, 4), torch.randn(4, 3), torch.randn(4, 4), None, None, "tanh")
+print(json.dumps({"numba_default": priority, "backends": backends, "before": before, "after": state(),
+                  "openmp": "OpenMP" in torch.__config__.parallel_info()}))
+"""
+    )
+    assert "numba" in info["backends"]
+    assert info["before"] == {"OPENBLAS_NUM_THREADS": None, "scipy.linalg": False, "priority": info["numba_default"]}
+    after = info["after"]
+    assert after["OPENBLAS_NUM_THREADS"] == str(config.KNOBS["numba_blas_threads"].default)
+    if info["openmp"]:
+        assert after["priority"][0] == "omp"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads through /proc")
 def test_parallel_kernels_share_torchs_openmp_pool(compiled):
     # No second worker pool: a parallel numba launch after torch's pool is up reuses its workers.
+    # The first layer call chooses the layer (the backend's first use).
     info = _child(
         """
 import json, os, torch
@@ -78,13 +108,15 @@ torch.set_num_threads(2)
 a = torch.randn(256, 256); a @ a  # torch's OpenMP pool is up
 count = lambda: len(os.listdir("/proc/self/task"))
 before = count()
+layer_before = _numba._threading_layer()
 rows, hidden = 64, 64
 _numba.layer(torch.randn(20, rows, 3), torch.zeros(rows, hidden), torch.randn(hidden, 3),
              torch.randn(hidden, hidden), None, None, "tanh")
-print(json.dumps({"before": before, "after": count(), "layer": _numba._threading_layer(),
-                  "openmp": "OpenMP" in torch.__config__.parallel_info()}))
+print(json.dumps({"before": before, "after": count(), "layer_before": layer_before,
+                  "layer": _numba._threading_layer(), "openmp": "OpenMP" in torch.__config__.parallel_info()}))
 """
     )
+    assert info["layer_before"] is None
     assert info["layer"] is not None, "the parallel kernel did not run"
     if info["openmp"]:
         assert info["layer"] == "omp"
@@ -119,9 +151,9 @@ def test_float32_tanh_within_one_ulp_of_torch(compiled):
     x = torch.cat([x, torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e-30])])
     # One step, H = 1, a row per element, h0 = 0: the forward kernel computes tanh(x) alone.
     col = x.clone().view(-1, 1)
-    sizes, offsets = _numba._plan([col.shape[0]])
-    _numba._forward_rows(col.numpy(), torch.zeros_like(col).numpy(), torch.zeros(1, 1).numpy(), sizes, offsets,
-                         False, 0, col.shape[0], torch.empty_like(col).numpy())
+    batch_sizes, offsets = _numba._plan([col.shape[0]])
+    _numba_kernels.forward_rows(col.numpy(), torch.zeros_like(col).numpy(), torch.zeros(1, 1).numpy(), batch_sizes,
+                                offsets, False, 0, col.shape[0], torch.empty_like(col).numpy())
     expected = torch.tanh(x)
     got = col.view(-1)
     assert torch.equal(got.isnan(), expected.isnan())
@@ -155,8 +187,8 @@ def _compare_with_torch_backend(T, B, I, H, batch_sizes, dtype, nonlinearity="ta
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("batch_sizes", [None, [8, 8, 6, 5, 5, 3, 1]], ids=["dense", "packed"])
-def test_blas_path_matches_the_torch_backend(compiled, dtype, batch_sizes):
-    assert 128 >= _numba._BLAS_MIN_HIDDEN
+def test_gemm_path_matches_the_torch_backend(compiled, dtype, batch_sizes):
+    assert 128 >= config.get("numba_gemm_min_hidden")
     _compare_with_torch_backend(7, 8, 5, 128, batch_sizes, dtype)
 
 

@@ -21,6 +21,13 @@ optional too: a cell for calls that record no graph which validates every argume
 (raising RuntimeError, TypeError or ValueError), so that ``RNNCell`` may call it before, and
 instead of, its own checks; per-call overhead is most of a small step's cost.
 
+Names, the same in every backend: ``batch_sizes`` is the active rows per step (a tensor here, a
+``list[int]`` inside the Python backends, an int64 array in the numba kernels), ``seq_len`` a
+count of steps, ``batch`` the scalar ``B``, ``offsets`` each step's first packed row, and
+``gemm`` the CPU path that does each step's product with ``W_hh`` as one BLAS call. What the
+Python backends share (the input projection, the gradient GEMMs after the reverse recurrence,
+the check of these arguments) is in ``_common``.
+
 Inputs arrive validated (shapes, dtypes, devices agree) from ``myrnn_fast.modules``, which also
 owns layers, directions, dropout, ``batch_first``, unbatched input and packing.
 """

@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import activation, as_rows, like_input
+from ._common import (
+    activation, as_rows, function_grads, gemm_grads, input_projection, like_input,
+    needed_grads,
+)
 
 DEVICE_TYPES = None  # plain torch operations run wherever torch does
 
@@ -27,21 +30,17 @@ def unavailable_reason() -> str | None:
 
 class _Layer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, h0, w_ih, w_hh, b_ih, b_hh, steps, relu):
+    def forward(ctx, rows, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, relu):
         # Input projection of all steps at once; the recurrence then updates it in place.
-        if b_ih is None:
-            out = rows @ w_ih.t()
-        else:
-            out = torch.addmm(b_ih + b_hh, rows, w_ih.t())
+        out = input_projection(rows, w_ih, b_ih, b_hh)
         w_hh_t = w_hh.t()
         act_ = torch.relu_ if relu else torch.tanh_
         h_n = torch.empty_like(h0)
 
         h = h0
-        for t, out_t in enumerate(out.split(steps)):
-            active = steps[t]
+        for active, out_t in zip(batch_sizes, out.split(batch_sizes)):
             if active != h.shape[0]:
-                # Rows steps[t] .. steps[t-1]-1 ended at step t-1: their state is final.
+                # Rows active .. h.shape[0]-1 ended at the step before: their state is final.
                 h_n[active : h.shape[0]] = h[active:]
                 h = h[:active]
             out_t.addmm_(h, w_hh_t)
@@ -50,7 +49,7 @@ class _Layer(torch.autograd.Function):
         h_n[: h.shape[0]] = h
 
         ctx.save_for_backward(rows, h0, w_ih, w_hh, out)
-        ctx.steps = steps
+        ctx.batch_sizes = batch_sizes
         ctx.relu = relu
         ctx.has_bias = b_ih is not None
         return out, h_n
@@ -58,22 +57,18 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_h_n):
         rows, h0, w_ih, w_hh, out = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b = layer_backward(
-            grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, ctx.steps, ctx.relu,
-            need[:4] + (ctx.has_bias and (need[4] or need[5]),),
-        )
-        return grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None
+        return function_grads(layer_backward(
+            grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, ctx.batch_sizes, ctx.relu, needed_grads(ctx)
+        ))
 
 
-def layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, steps, relu, need):
-    """The layer's backward in packed rows, made of differentiable torch operations: the cpp
-    backend runs it too when a double backward needs a graph of the backward.
+def layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, batch_sizes, relu, need):
+    """The layer's backward in packed rows, made of differentiable torch operations: the numba
+    and cpp backends run it too when a double backward needs a graph of the backward.
 
     ``need`` flags which of ``(grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b)`` to form; the
     others come back as ``None``.
     """
-    batch = h0.shape[0]
     # Complex RNNs (torch.nn accepts them) take conjugates, as autograd does for every product:
     # the gradient through y = x W^T is g conj(W), through W it is g^T conj(x). A no-op when real.
     w_ih, w_hh, rows, h0, out_conj = w_ih.conj(), w_hh.conj(), rows.conj(), h0.conj(), out.conj()
@@ -81,16 +76,16 @@ def layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, steps, relu, n
     # d act(z) / dz from the output y = act(z): 1 - y^2 for tanh; for relu 0 where y <= 0 and 1
     # elsewhere, NaN included, as torch's threshold_backward.
     dact = (out <= 0).logical_not().to(out.dtype) if relu else 1 - out_conj * out_conj
-    grad_out_t = grad_out.split(steps)
-    dact_t = dact.split(steps)
+    grad_out_t = grad_out.split(batch_sizes)
+    dact_t = dact.split(batch_sizes)
 
     # Reverse recurrence. g is dL/dh_t in total: the output's own gradient plus what flows
     # back from step t+1, or from h_n for rows whose sequence ends at step t.
-    dz_t: list[Tensor] = [None] * len(steps)  # type: ignore[list-item]
+    dz_t: list[Tensor] = [None] * len(batch_sizes)  # type: ignore[list-item]
     active_next = 0
     dz_next = None
-    for t in range(len(steps) - 1, -1, -1):
-        active = steps[t]
+    for t in range(len(batch_sizes) - 1, -1, -1):
+        active = batch_sizes[t]
         if dz_next is None:
             g = grad_out_t[t] + grad_h_n[:active]
         elif active == active_next:
@@ -104,31 +99,7 @@ def layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, steps, relu, n
             )
         dz_next = dz_t[t] = g * dact_t[t]
         active_next = active
-    dz = torch.cat(dz_t)
-
-    grad_rows = dz @ w_ih if need[0] else None
-    grad_h0 = dz_next @ w_hh if need[1] else None  # dz of step 0 holds every row
-    grad_w_ih = dz.t() @ rows if need[2] else None
-    grad_w_hh = None
-    if need[3]:
-        # h_{t-1} for every row of every step: h0 for step 0, then the previous step's output
-        # for the rows still active. Dense input needs no gather: it is out shifted by B.
-        dz0, dz_rest = dz[:batch], dz[batch:]
-        if all(s == batch for s in steps):
-            prev = out_conj[: out.shape[0] - batch]
-        else:
-            prev = out_conj.index_select(0, _previous_rows(steps, out.device))
-        grad_w_hh = torch.addmm(dz0.t() @ h0, dz_rest.t(), prev)
-    grad_b = dz.sum(0) if need[4] else None
-    return grad_rows, grad_h0, grad_w_ih, grad_w_hh, grad_b
-
-
-def _previous_rows(steps: list[int], device: torch.device) -> Tensor:
-    """For packed rows of steps 1.., the row index of the same batch row one step earlier."""
-    sizes = torch.tensor(steps, dtype=torch.long)
-    step_of_row = torch.repeat_interleave(torch.arange(len(steps)), sizes)[steps[0] :]
-    index = torch.arange(steps[0], int(sizes.sum())) - sizes[step_of_row - 1]
-    return index.to(device)
+    return gemm_grads(torch.cat(dz_t), rows, h0, w_ih, w_hh, out_conj, batch_sizes, need)
 
 
 def layer(
@@ -142,9 +113,9 @@ def layer(
     batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     activation(nonlinearity)  # validates the name
-    rows, steps = as_rows(x, batch_sizes)
-    out, h_n = _Layer.apply(rows, h0, w_ih, w_hh, b_ih, b_hh, steps, nonlinearity == "relu")
-    return like_input(out, x, batch_sizes), h_n
+    rows, batch_sizes = as_rows(x, batch_sizes)  # a list from here on
+    out, h_n = _Layer.apply(rows, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity == "relu")
+    return like_input(out, x), h_n
 
 
 def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):

@@ -2,8 +2,8 @@
 that are not sequential (the input projection before the recurrence, the gradient GEMMs after
 it), and the Python check of the kernel contract.
 
-The extension has its own copies of the formulas (``csrc/rnn_layer.h``) and of the checks
-(``csrc/rnn_checks.h``): C++ cannot call Python.
+The extension has its own copies of the formulas (``csrc/ops/rnn_layer.h``) and of the checks
+(``csrc/ops/rnn_checks.h``): C++ cannot call Python.
 """
 
 from __future__ import annotations

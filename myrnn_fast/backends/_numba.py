@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import config
 from . import _torch
 from ._common import (
-    as_rows, check_layer_args, function_grads, gemm_grads, input_projection, like_input,
+    check_layer_args, function_grads, gemm_grads, input_projection, like_input,
     needed_grads,
 )
 
@@ -130,31 +130,49 @@ def _plan(batch_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return array, offsets
 
 
+def _dense_plan(seq_len: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_plan` of ``[batch] * seq_len`` without the list, which costs more than a short
+    sequence's whole recurrence once T is in the hundreds."""
+    return np.full(seq_len, batch, dtype=np.int64), np.arange(seq_len, dtype=np.int64) * batch
+
+
 def _view(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _use_gemm(hidden: int) -> bool:
+    return hidden >= config.get("numba_gemm_min_hidden")
+
+
+def _recurrence(rows, h0, w_ih, w_hh, b_ih, b_hh, plan, relu) -> tuple[Tensor, Tensor]:
+    """The forward: the input projection as one torch GEMM, then the kernels add the rest."""
+    out = input_projection(rows, w_ih, b_ih, b_hh).contiguous()
+    h0c = h0.contiguous()
+    h_n = torch.empty_like(h0c)
+    batch, hidden = h0.shape
+    out_, h0_, h_n_ = _view(out), _view(h0c), _view(h_n)
+    gemm = _use_gemm(hidden)
+    w = _view(w_hh.t().contiguous() if gemm else w_hh.contiguous())
+    chunks = _threads(batch, out.shape[0] * hidden * hidden)
+    if chunks > 1:
+        numba.set_num_threads(chunks)
+        kernels.forward_parallel(out_, h0_, w, *plan, relu, h_n_, chunks, gemm, _scratch(batch, hidden, gemm, out_))
+    elif gemm:
+        kernels.forward_gemm(out_, h0_, w, *plan, relu, 0, batch, h_n_, _scratch(batch, hidden, gemm, out_))
+    else:
+        kernels.forward_rows(out_, h0_, w, *plan, relu, 0, batch, h_n_)
+    return out, h_n
+
+
+def _scratch(batch: int, hidden: int, gemm: bool, like: np.ndarray) -> np.ndarray:
+    """Where each step's BLAS product lands (rows of it per thread); the hand loops need none."""
+    return np.empty((batch, hidden) if gemm else (0, 0), dtype=like.dtype)
+
+
 class _Layer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, relu):
-        out = input_projection(rows, w_ih, b_ih, b_hh).contiguous()  # the kernels add the rest
-        h0c = h0.contiguous()
-        h_n = torch.empty_like(h0c)
-        plan = _plan(batch_sizes)
-        batch, hidden = h0.shape
-        out_, h0_, h_n_ = _view(out), _view(h0c), _view(h_n)
-        if hidden >= config.get("numba_gemm_min_hidden"):
-            scratch = np.empty((batch, hidden), dtype=out_.dtype)
-            kernels.forward_gemm(out_, h0_, _view(w_hh.t().contiguous()), *plan, relu, h_n_, scratch)
-        else:
-            w = _view(w_hh.contiguous())
-            chunks = _threads(batch, out.shape[0] * hidden * hidden)
-            if chunks > 1:
-                numba.set_num_threads(chunks)
-                kernels.forward_parallel(out_, h0_, w, *plan, relu, h_n_, chunks)
-            else:
-                kernels.forward_rows(out_, h0_, w, *plan, relu, 0, batch, h_n_)
-
+    def forward(ctx, rows, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, relu, plan):
+        out, h_n = _recurrence(rows, h0, w_ih, w_hh, b_ih, b_hh, plan, relu)
         ctx.save_for_backward(rows, h0, w_ih, w_hh, out)
         ctx.batch_sizes, ctx.plan, ctx.relu, ctx.has_bias = batch_sizes, plan, relu, b_ih is not None
         return out, h_n
@@ -163,14 +181,17 @@ class _Layer(torch.autograd.Function):
     def backward(ctx, grad_out, grad_h_n):
         rows, h0, w_ih, w_hh, out = ctx.saved_tensors
         need = needed_grads(ctx)
+        batch_sizes = ctx.batch_sizes
+        if batch_sizes is None:  # dense: every step holds every row
+            batch_sizes = [h0.shape[0]] * len(ctx.plan[0])
         if torch.is_grad_enabled():
             # create_graph: the backward must itself be differentiable, and the torch backend's
             # is (the cpp backend does the same).
-            grads = _torch.layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, ctx.batch_sizes, ctx.relu, need)
+            grads = _torch.layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, batch_sizes, ctx.relu, need)
         else:
             dz = _reverse_recurrence(ctx.plan, ctx.relu, grad_out, grad_h_n, w_hh, out)
-            grads = gemm_grads(dz, rows, h0, w_ih, w_hh, out, ctx.batch_sizes, need)
-        return function_grads(grads)
+            grads = gemm_grads(dz, rows, h0, w_ih, w_hh, out, batch_sizes, need)
+        return (*function_grads(grads), None)
 
 
 def _reverse_recurrence(plan, relu, grad_out, grad_h_n, w_hh, out) -> Tensor:
@@ -178,17 +199,18 @@ def _reverse_recurrence(plan, relu, grad_out, grad_h_n, w_hh, out) -> Tensor:
     batch, hidden = grad_h_n.shape
     grad_out_, grad_h_n_, out_ = _view(grad_out.contiguous()), _view(grad_h_n.contiguous()), _view(out)
     dz = torch.empty_like(out)
-    if hidden >= config.get("numba_gemm_min_hidden"):
-        scratch = np.empty((batch, hidden), dtype=out_.dtype)
-        kernels.backward_gemm(_view(dz), grad_out_, grad_h_n_, out_, _view(w_hh.contiguous()), *plan, relu, scratch)
+    dz_ = _view(dz)
+    gemm = _use_gemm(hidden)
+    w = _view(w_hh.contiguous() if gemm else w_hh.t().contiguous())
+    chunks = _threads(batch, out.shape[0] * hidden * hidden)
+    if chunks > 1:
+        numba.set_num_threads(chunks)
+        kernels.backward_parallel(dz_, grad_out_, grad_h_n_, out_, w, *plan, relu, chunks, gemm,
+                                  _scratch(batch, hidden, gemm, out_))
+    elif gemm:
+        kernels.backward_gemm(dz_, grad_out_, grad_h_n_, out_, w, *plan, relu, 0, batch, _scratch(batch, hidden, gemm, out_))
     else:
-        wt = _view(w_hh.t().contiguous())
-        chunks = _threads(batch, out.shape[0] * hidden * hidden)
-        if chunks > 1:
-            numba.set_num_threads(chunks)
-            kernels.backward_parallel(_view(dz), grad_out_, grad_h_n_, out_, wt, *plan, relu, chunks)
-        else:
-            kernels.backward_rows(_view(dz), grad_out_, grad_h_n_, out_, wt, *plan, relu, 0, batch)
+        kernels.backward_rows(dz_, grad_out_, grad_h_n_, out_, w, *plan, relu, 0, batch)
     return dz
 
 
@@ -223,8 +245,18 @@ def layer(
     if dtype not in _KERNEL_DTYPES:
         raise TypeError(f"numba backend: unsupported dtype {dtype}")
     _start()
-    rows, batch_sizes = as_rows(x, batch_sizes)  # a list from here on
-    out, h_n = _Layer.apply(rows, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity == "relu")
+    relu = nonlinearity == "relu"
+    if batch_sizes is None:
+        seq_len, batch, features = x.shape
+        rows, sizes, plan = x.reshape(seq_len * batch, features), None, _dense_plan(seq_len, batch)
+    else:
+        rows, sizes = x, batch_sizes.tolist()
+        plan = _plan(sizes)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh)):
+        out, h_n = _Layer.apply(rows, h0, w_ih, w_hh, b_ih, b_hh, sizes, relu, plan)
+    else:
+        # No graph to record: the autograd Function's own cost is most of a short sequence's.
+        out, h_n = _recurrence(rows, h0, w_ih, w_hh, b_ih, b_hh, plan, relu)
     return like_input(out, x), h_n
 
 
@@ -248,12 +280,13 @@ def warm_up() -> dict:
     for dtype in (np.float32, np.float64):
         out, h0, h_n, w = (np.zeros(s, dtype) for s in ((2, 1), (1, 1), (1, 1), (1, 1)))
         args = (*plan, False)
+        for gemm in (False, True):
+            kernels.forward_parallel(out, h0, w, *args, h_n, 1, gemm, h0.copy())
+            kernels.backward_parallel(out.copy(), out, h0, out, w, *args, 1, gemm, h0.copy())
         kernels.forward_rows(out, h0, w, *args, 0, 1, h_n)
-        kernels.forward_parallel(out, h0, w, *args, h_n, 1)
-        kernels.forward_gemm(out, h0, w, *args, h_n, h0.copy())
+        kernels.forward_gemm(out, h0, w, *args, 0, 1, h_n, h0.copy())
         kernels.backward_rows(out.copy(), out, h0, out, w, *args, 0, 1)
-        kernels.backward_parallel(out.copy(), out, h0, out, w, *args, 1)
-        kernels.backward_gemm(out.copy(), out, h0, out, w, *args, h0.copy())
+        kernels.backward_gemm(out.copy(), out, h0, out, w, *args, 0, 1, h0.copy())
     hits = sum(sum(k.stats.cache_hits.values()) for k in compiled)
     misses = sum(sum(k.stats.cache_misses.values()) for k in compiled)
     _compile_info = {

@@ -121,28 +121,39 @@ def forward_rows(out, h0, w, batch_sizes, offsets, relu, lo, hi, h_n):
 
 
 @njit(parallel=True, **_KERNEL)
-def forward_parallel(out, h0, w, batch_sizes, offsets, relu, h_n, chunks):
+def forward_parallel(out, h0, w, batch_sizes, offsets, relu, h_n, chunks, gemm, scratch):
+    """Chunks of batch rows in parallel, each through the whole sequence: a row's steps depend on
+    its own previous state only, so the threads never wait for each other. ``gemm``: each chunk
+    runs :func:`forward_gemm` (``w`` is W_hh^T), whose per-step BLAS call then stays on its own
+    thread while every core works; otherwise :func:`forward_rows` (``w`` is W_hh)."""
     batch = h0.shape[0]
     for c in prange(chunks):
-        forward_rows(out, h0, w, batch_sizes, offsets, relu, c * batch // chunks, (c + 1) * batch // chunks, h_n)
+        lo, hi = c * batch // chunks, (c + 1) * batch // chunks
+        if gemm:
+            forward_gemm(out, h0, w, batch_sizes, offsets, relu, lo, hi, h_n, scratch)
+        else:
+            forward_rows(out, h0, w, batch_sizes, offsets, relu, lo, hi, h_n)
 
 
 @njit(**_KERNEL)
-def forward_gemm(out, h0, wt, batch_sizes, offsets, relu, h_n, scratch):
-    """The same recurrence with each step's h_{t-1} @ W_hh^T as one BLAS GEMM into ``scratch``."""
+def forward_gemm(out, h0, wt, batch_sizes, offsets, relu, lo, hi, h_n, scratch):
+    """The same recurrence for rows lo..hi with each step's h_{t-1} @ W_hh^T as one BLAS GEMM
+    into the same rows of ``scratch``."""
     for t in range(batch_sizes.shape[0]):
-        n = batch_sizes[t]
-        prev = h0[:n] if t == 0 else out[offsets[t - 1] : offsets[t - 1] + n]
-        acc = scratch[:n]
+        end = min(hi, batch_sizes[t])
+        if end <= lo:
+            break
+        prev = h0[lo:end] if t == 0 else out[offsets[t - 1] + lo : offsets[t - 1] + end]
+        acc = scratch[lo:end]
         np.dot(prev, wt, acc)
-        cur = out[offsets[t] : offsets[t] + n]
-        for b in range(n):
+        cur = out[offsets[t] + lo : offsets[t] + end]
+        for b in range(end - lo):
             y = cur[b]
             a = acc[b]
             for j in range(y.shape[0]):
                 y[j] += a[j]
             _activate(y, relu)
-    _final_states(out, h0, batch_sizes, offsets, 0, h0.shape[0], h_n)
+    _final_states(out, h0, batch_sizes, offsets, lo, hi, h_n)
 
 
 @njit(inline="always", **_KERNEL)
@@ -188,27 +199,36 @@ def backward_rows(dz, grad_out, grad_h_n, out, wt, batch_sizes, offsets, relu, l
             _times_dact(g, out[base + b], relu)
 
 
-@njit(parallel=True, **_KERNEL)
-def backward_parallel(dz, grad_out, grad_h_n, out, wt, batch_sizes, offsets, relu, chunks):
-    batch = grad_h_n.shape[0]
-    for c in prange(chunks):
-        backward_rows(dz, grad_out, grad_h_n, out, wt, batch_sizes, offsets, relu, c * batch // chunks, (c + 1) * batch // chunks)
-
-
 @njit(**_KERNEL)
-def backward_gemm(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, scratch):
-    """The reverse recurrence with each step's dz_{t+1} @ W_hh as one BLAS GEMM."""
+def backward_gemm(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo, hi, scratch):
+    """The reverse recurrence for rows lo..hi with each step's dz_{t+1} @ W_hh as one BLAS GEMM
+    into the same rows of ``scratch``."""
     seq_len = batch_sizes.shape[0]
     for t in range(seq_len - 1, -1, -1):
-        n = batch_sizes[t]
-        following = batch_sizes[t + 1] if t + 1 < seq_len else 0
-        if following:
-            np.dot(dz[offsets[t + 1] : offsets[t + 1] + following], w, scratch[:following])
+        end = min(hi, batch_sizes[t])
+        if end <= lo:
+            continue
+        following = min(end, batch_sizes[t + 1]) if t + 1 < seq_len else lo
+        if following > lo:
+            np.dot(dz[offsets[t + 1] + lo : offsets[t + 1] + following], w, scratch[lo:following])
         base = offsets[t]
-        for b in range(n):
+        for b in range(lo, end):
             g = dz[base + b]
             go = grad_out[base + b]
             src = scratch[b] if b < following else grad_h_n[b]
             for j in range(g.shape[0]):
                 g[j] = go[j] + src[j]
             _times_dact(g, out[base + b], relu)
+
+
+@njit(parallel=True, **_KERNEL)
+def backward_parallel(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, chunks, gemm, scratch):
+    """Chunks of batch rows in parallel, as :func:`forward_parallel` (``w`` is W_hh for
+    ``gemm``, W_hh^T for the hand loops)."""
+    batch = grad_h_n.shape[0]
+    for c in prange(chunks):
+        lo, hi = c * batch // chunks, (c + 1) * batch // chunks
+        if gemm:
+            backward_gemm(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo, hi, scratch)
+        else:
+            backward_rows(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo, hi)

@@ -98,6 +98,10 @@ KNOBS: dict[str, Knob] = {
              "multiply-adds below which the numba kernels run on one thread", minimum=0),
         Knob("numba_parallel_min_rows", int, 4, "numba",
              "fewest batch rows a numba thread takes", minimum=1),
+        Knob("numba_cell_gemm_min_work", int, 1 << 18, "numba",
+             "multiply-adds of an RNNCell step (B H (I + H)) from which the numba backend runs it "
+             "as torch's GEMMs on every core (below it one kernel call, the input projection "
+             "included, costs less)", minimum=0),
         Knob("numba_threading_layer", str, "auto", "numba",
              "Numba's threading layer: auto (omp when ATen runs on OpenMP, so one thread pool "
              "serves both), omp, tbb, workqueue, or default (Numba's own choice); applied at the "

@@ -39,12 +39,12 @@ def test_kernels_are_cached_on_disk(compiled):
     cache = Path(compiled["cache_dir"])
     indexes = list(cache.glob("_numba_kernels.*.nbi"))
     assert indexes, f"no numba cache index in {cache}"
-    assert compiled["cache_hits"] + compiled["cache_misses"] == 12  # 6 kernels x 2 dtypes
+    assert compiled["cache_hits"] + compiled["cache_misses"] == 14  # 7 kernels x 2 dtypes
 
 
 def test_a_second_process_loads_from_the_cache(compiled):
     info = _child("import json; from myrnn_fast.backends import _numba; print(json.dumps(_numba.warm_up()))")
-    assert info["cache_misses"] == 0 and info["cache_hits"] == 12
+    assert info["cache_misses"] == 0 and info["cache_hits"] == 14
     assert info["cache_dir"] == compiled["cache_dir"]
 
 
@@ -200,3 +200,69 @@ def test_parallel_path_matches_the_torch_backend(compiled, nonlinearity, batch_s
     if _numba._threads(B, rows * H * H) < 2:
         pytest.skip("a single torch thread here: the parallel path does not run")
     _compare_with_torch_backend(T, B, 3, H, batch_sizes, torch.float64, nonlinearity)
+
+
+def _cell_case(B, I, H, dtype, bias, nonlinearity, seed=0):
+    ref = torch.nn.RNNCell(I, H, bias=bias, nonlinearity=nonlinearity, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    x, h = torch.randn(B, I, generator=g, dtype=dtype), torch.randn(B, H, generator=g, dtype=dtype)
+    p = ref._parameters
+    return ref, x, h, (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], nonlinearity)
+
+
+@pytest.mark.parametrize("path", ["kernel", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_cell_step_matches_torch_rnn_cell(compiled, path, dtype, bias, nonlinearity):
+    # Both ways a no-grad step runs: the one kernel (input projection included) and torch's GEMMs.
+    ref, x, h, args = _cell_case(5, 7, 33, dtype, bias, nonlinearity)
+    threshold = 0 if path == "gemm" else 1 << 30
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    with torch.no_grad(), config.override(numba_cell_gemm_min_work=threshold):
+        expected = ref(x, h)
+        torch.testing.assert_close(_numba.cell_step(x, h, *args), expected, **tol)
+        # a step taken from a batch-first sequence is a strided view
+        seq = torch.stack([x, x + 1], 1)
+        torch.testing.assert_close(_numba.cell_step(seq[:, 0], h, *args), expected, **tol)
+        torch.testing.assert_close(_numba.cell(x, h, *args), expected, **tol)
+
+
+def test_cell_step_propagates_nan_and_inf(compiled):
+    ref, x, h, args = _cell_case(3, 4, 8, torch.float32, True, "tanh")
+    x[0, 0], x[1, 1], h[2, 2] = float("nan"), float("inf"), -float("inf")
+    with torch.no_grad():
+        expected, got = ref(x, h), _numba.cell_step(x, h, *args)
+    assert torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def _bad_cell_calls():
+    _, x, h, (w_ih, w_hh, b_ih, b_hh, nl) = _cell_case(3, 4, 8, torch.float32, True, "tanh")
+    yield "unknown nonlinearity", ValueError, (x, h, w_ih, w_hh, b_ih, b_hh, "gelu")
+    yield "x is a list", TypeError, (x.tolist(), h, w_ih, w_hh, b_ih, b_hh, nl)
+    yield "h is a list", TypeError, (x, h.tolist(), w_ih, w_hh, b_ih, b_hh, nl)
+    yield "integer x", TypeError, (x.long(), h, w_ih, w_hh, b_ih, b_hh, nl)
+    yield "float64 h", TypeError, (x, h.double(), w_ih, w_hh, b_ih, b_hh, nl)
+    yield "float16 x", TypeError, (x.half(), h.half(), w_ih.half(), w_hh.half(), b_ih.half(), b_hh.half(), nl)
+    yield "h on meta", TypeError, (x, h.to("meta"), w_ih, w_hh, b_ih, b_hh, nl)
+    yield "w_hh on meta", TypeError, (x, h, w_ih, w_hh.to("meta"), b_ih, b_hh, nl)
+    yield "1-D x", ValueError, (x[0], h, w_ih, w_hh, b_ih, b_hh, nl)
+    yield "batch differs", ValueError, (x, h[:2], w_ih, w_hh, b_ih, b_hh, nl)
+    yield "input size differs", ValueError, (x[:, :3], h, w_ih, w_hh, b_ih, b_hh, nl)
+    yield "hidden size differs", ValueError, (x, h[:, :5], w_ih, w_hh, b_ih, b_hh, nl)
+    yield "w_hh not square", ValueError, (x, h, w_ih, w_hh[:, :5], b_ih, b_hh, nl)
+    yield "w_hh 1-D", ValueError, (x, h, w_ih, w_hh[0], b_ih, b_hh, nl)
+    yield "short bias", ValueError, (x, h, w_ih, w_hh, b_ih[:1], b_hh, nl)
+    yield "one bias", ValueError, (x, h, w_ih, w_hh, b_ih, None, nl)
+
+
+@pytest.mark.parametrize("path", ["kernel", "gemm"])
+@pytest.mark.parametrize("case", list(_bad_cell_calls()), ids=lambda c: c[0] if isinstance(c, tuple) else "")
+def test_cell_step_refuses_bad_arguments(compiled, path, case):
+    # The kernel reads raw addresses: anything it could misread must be refused before it runs,
+    # with an exception RNNCell treats as "take the checked path".
+    _, error, args = case
+    threshold = 0 if path == "gemm" else 1 << 30
+    with torch.no_grad(), config.override(numba_cell_gemm_min_work=threshold), pytest.raises(error):
+        _numba.cell_step(*args)

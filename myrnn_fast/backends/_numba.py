@@ -72,8 +72,11 @@ def _start() -> None:
             _started = True
 
 
+_knobs: dict = {}  # every numba knob's value, kept current by config (per-call reads cost)
+
+
 def _apply(name: str, value) -> None:
-    # The thresholds (numba_gemm_min_hidden, numba_parallel_*) are read at each call.
+    _knobs[name] = value
     if name == "numba_threading_layer":
         _set_threading_layer(value)
     elif name == "numba_blas_threads":
@@ -261,6 +264,70 @@ def layer(
 
 
 # ---------------------------------------------------------------------------------------------
+# RNNCell: one step, no sequence. Small steps run as one kernel (input projection included);
+# large ones as torch's GEMMs, which use every core (a single step has no rows to split across
+# time, and nothing sequential for a kernel to fuse).
+
+
+def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h, w_ih, w_hh, b_ih, b_hh)):
+        return layer(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, nonlinearity)[1]
+    if x.dtype not in _KERNEL_DTYPES:  # complex, float16, bfloat16: the layer's conversions
+        return layer(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, nonlinearity)[1]
+    return cell_step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+
+
+def cell_step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    """A step that records nothing, checking every argument itself (the kernel reads raw
+    memory): TypeError for a non-tensor, a tensor off the CPU, a dtype other than float32 /
+    float64 or a mix of them; ValueError for an unknown nonlinearity or shapes that disagree."""
+    _start()
+    relu = _RELU.get(nonlinearity) if isinstance(nonlinearity, str) else None
+    if relu is None:
+        raise ValueError(f"numba backend: unknown nonlinearity {nonlinearity!r}")
+    bias = b_ih is not None
+    if bias != (b_hh is not None):
+        raise ValueError("numba backend: b_ih and b_hh must both be given or both be None")
+    tensors = (x, h, w_ih, w_hh, b_ih, b_hh) if bias else (x, h, w_ih, w_hh)
+    dtype = x.dtype if isinstance(x, Tensor) else None
+    if dtype not in _KERNEL_DTYPES:
+        raise TypeError("numba backend: the cell runs float32 or float64 tensors")
+    for t in tensors:
+        if not isinstance(t, Tensor) or t.dtype is not dtype or not t.is_cpu:
+            raise TypeError(f"numba backend: the cell runs CPU tensors of one dtype (x is {dtype})")
+    batch, features = x.shape if x.dim() == 2 else (-1, -1)
+    hidden = w_hh.shape[0] if w_hh.dim() == 2 else -1
+    if (h.shape != (batch, hidden) or w_ih.shape != (hidden, features) or w_hh.shape != (hidden, hidden)
+            or (bias and (b_ih.shape != (hidden,) or b_hh.shape != (hidden,)))):
+        raise ValueError("numba backend: the shapes of the cell's arguments do not agree")
+    if batch * hidden * (features + hidden) >= _knobs["numba_cell_gemm_min_work"]:
+        return _cell_gemm(x, h, w_ih, w_hh, b_ih, b_hh, relu)
+    if bias:
+        b_ih, b_hh = b_ih.contiguous(), b_hh.contiguous()
+    else:
+        b_ih = b_hh = torch.zeros(hidden, dtype=dtype)
+    # Named, so that every contiguous copy outlives the kernel that reads its address.
+    x, h, w_ih, w_hh = x.contiguous(), h.contiguous(), w_ih.contiguous(), w_hh.contiguous()
+    out = np.empty((batch, hidden), dtype=_NUMPY_DTYPES[dtype])
+    kernels.cell(x.data_ptr(), h.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), b_ih.data_ptr(), b_hh.data_ptr(),
+                 features, relu, out)
+    return torch.from_numpy(out)
+
+
+def _cell_gemm(x, h, w_ih, w_hh, b_ih, b_hh, relu):
+    if b_ih is None:
+        out = x @ w_ih.t()
+    else:
+        out = torch.addmm(b_ih + b_hh, x, w_ih.t())
+    out.addmm_(h, w_hh.t())
+    return out.relu_() if relu else out.tanh_()
+
+
+_RELU = {"tanh": False, "relu": True}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+# ---------------------------------------------------------------------------------------------
 # Compile once, measure it, report it.
 
 _compile_info: dict | None = None
@@ -275,7 +342,7 @@ def warm_up() -> dict:
     _start()
     start = time.perf_counter()
     compiled = (kernels.forward_rows, kernels.forward_parallel, kernels.forward_gemm,
-                kernels.backward_rows, kernels.backward_parallel, kernels.backward_gemm)
+                kernels.backward_rows, kernels.backward_parallel, kernels.backward_gemm, kernels.cell)
     plan = _plan([1, 1])
     for dtype in (np.float32, np.float64):
         out, h0, h_n, w = (np.zeros(s, dtype) for s in ((2, 1), (1, 1), (1, 1), (1, 1)))
@@ -287,6 +354,8 @@ def warm_up() -> dict:
         kernels.forward_gemm(out, h0, w, *args, 0, 1, h_n, h0.copy())
         kernels.backward_rows(out.copy(), out, h0, out, w, *args, 0, 1)
         kernels.backward_gemm(out.copy(), out, h0, out, w, *args, 0, 1, h0.copy())
+        address = w.ctypes.data  # every operand 1 x 1
+        kernels.cell(address, address, address, address, address, address, 1, False, h_n)
     hits = sum(sum(k.stats.cache_hits.values()) for k in compiled)
     misses = sum(sum(k.stats.cache_misses.values()) for k in compiled)
     _compile_info = {

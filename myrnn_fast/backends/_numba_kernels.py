@@ -24,6 +24,8 @@ import numba
 import numba.extending
 import numpy as np
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 # contract: fused multiply-add; reassoc: vectorized dot products. No "nnan"/"ninf": NaN and Inf
 # must propagate as in torch.
@@ -154,6 +156,49 @@ def forward_gemm(out, h0, wt, batch_sizes, offsets, relu, lo, hi, h_n, scratch):
                 y[j] += a[j]
             _activate(y, relu)
     _final_states(out, h0, batch_sizes, offsets, lo, hi, h_n)
+
+
+@intrinsic
+def _address(typingctx, address):
+    """The integer ``address`` (a tensor's data_ptr()) as a pointer for :func:`numba.carray`."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.intp), codegen
+
+
+@njit(**_KERNEL)
+def cell(x_at, h_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, features, relu, out):
+    """One step without a sequence around it, the input projection included (a separate GEMM
+    and its call would cost more than a small step): out = act(x W_ih^T + b_ih + h W_hh^T + b_hh).
+
+    The operands come as the addresses of contiguous CPU tensors, checked by the caller, of
+    ``out``'s dtype and of shapes x [B, I], h [B, H], w_ih [H, I], w_hh [H, H], biases [H]:
+    converting six tensors to NumPy would cost several times a small step's arithmetic."""
+    batch, hidden = out.shape
+    dtype = out.dtype
+    x = numba.carray(_address(x_at), (batch, features), dtype)
+    h = numba.carray(_address(h_at), (batch, hidden), dtype)
+    w_ih = numba.carray(_address(w_ih_at), (hidden, features), dtype)
+    w_hh = numba.carray(_address(w_hh_at), (hidden, hidden), dtype)
+    b_ih = numba.carray(_address(b_ih_at), (hidden,), dtype)
+    b_hh = numba.carray(_address(b_hh_at), (hidden,), dtype)
+    for b in range(batch):
+        xb = x[b]
+        hb = h[b]
+        y = out[b]
+        for j in range(hidden):
+            wi = w_ih[j]
+            acc = b_ih[j]
+            for k in range(features):
+                acc += xb[k] * wi[k]
+            wh = w_hh[j]
+            part = b_hh[j]
+            for k in range(hidden):
+                part += hb[k] * wh[k]
+            y[j] = acc + part
+        _activate(y, relu)
 
 
 @njit(inline="always", **_KERNEL)

@@ -7,6 +7,9 @@ Two ways through the sequence, for the forward and for the backward:
   owning its rows, need no per-step sync; W_hh stays in L1/L2 and no call is paid per step.
 - :func:`forward_gemm` / :func:`backward_gemm`: each step's product with W_hh as one ``np.dot``,
   which Numba lowers to SciPy's BLAS; it wins once the hidden size makes that product a real GEMM.
+  The parallel kernels run these on row chunks too, each thread's BLAS call on its own rows.
+
+:func:`cell` is one step of ``RNNCell`` with no sequence around it, input projection included.
 
 Arguments are NumPy views of contiguous tensors: ``out`` / ``dz`` ``[N, H]`` in packed rows,
 ``batch_sizes`` (int64, rows per step, non-increasing) and ``offsets`` (int64, each step's first

@@ -34,13 +34,16 @@ def _pair(I=6, H=24, dtype=torch.float32, seed=0):
     return ref, ours
 
 
-def _step(module, x, grad_out):
-    """Forward and backward: the output, h_n and the gradients of x and of every parameter."""
+def _step(module, x, grad_out, forward_path=None, backward_path=None):
+    """Forward and backward (each with its path forced, if given): the output, h_n and the
+    gradients of x and of every parameter."""
     x = x.detach().requires_grad_(True)
     for p in module.parameters():
         p.grad = None
-    out, h_n = module(x)
-    out.backward(grad_out)
+    with config.override(**({"cpu_path": forward_path} if forward_path else {})):
+        out, h_n = module(x)
+    with config.override(**({"cpu_path": backward_path} if backward_path else {})):
+        out.backward(grad_out)
     return [out.detach(), h_n.detach(), x.grad, *(p.grad for p in module.parameters())]
 
 
@@ -58,19 +61,16 @@ def _kinds():
 def test_the_measured_path_matches_torch_nn_and_is_one_of_the_forced_paths_exactly(dtype, B):
     ref, ours = _pair(dtype=dtype)
     x, grad_out = _inputs(7, B, 6, 24, dtype)
-    forced = {}
     for path in ("tiles", "gemm"):
-        with config.override(cpu_path=path):
-            forced[path] = _step(ours, x, grad_out)
+        _step(ours, x, grad_out, path, path)
     assert autotune.choices() == []  # a forced path neither measures nor consults the cache
     tuned = _step(ours, x, grad_out)  # first call of its kind: both paths timed
     bucket, name = {1: 1, 3: 4, 40: 64}[B], str(dtype).removeprefix("torch.")
     kinds = _kinds()
     assert set(kinds) == {(24, bucket, name, p) for p in ("forward", "backward")}
-    # The results come from one complete run of the chosen path, forward and backward alike.
-    forward, backward = forced[kinds[24, bucket, name, "forward"]], forced[kinds[24, bucket, name, "backward"]]
-    assert all(torch.equal(a, b) for a, b in zip(tuned[:2], forward[:2]))
-    assert all(torch.equal(a, b) for a, b in zip(tuned[2:], backward[2:]))
+    # The results are those of one complete run of each chosen path, to the bit.
+    forced = _step(ours, x, grad_out, kinds[24, bucket, name, "forward"], kinds[24, bucket, name, "backward"])
+    assert all(torch.equal(a, b) for a, b in zip(tuned, forced))
     again = _step(ours, x, grad_out)  # served from the cache: the same path, the same bits
     assert all(torch.equal(a, b) for a, b in zip(again, tuned))
     for got, expected in zip(tuned, _step(ref, x, grad_out)):

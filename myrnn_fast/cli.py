@@ -10,7 +10,7 @@ from importlib import metadata
 
 import torch
 
-from . import __version__, config, registry
+from . import __version__, autotune, config, registry
 
 
 def extension_info() -> dict:
@@ -54,6 +54,7 @@ def collect_info() -> dict:
         "resolved": resolved,
         "numba_kernels": numba_kernels_info(),
         "config": config.describe(),
+        "autotune": autotune.choices(),
     }
 
 
@@ -93,6 +94,14 @@ def _print_info(info: dict) -> None:
     print(f"default: {info['default_backend']} (MYRNN_BACKEND)")
     for device, name in info["resolved"].items():
         print(f"  {device} tensors run on: {name}")
+    print("cpp CPU paths chosen by measurement (knob cpu_autotune; in this process, or loaded from "
+          "cpu_autotune_file)")
+    if not info["autotune"]:
+        print("  none yet: each kind of call is measured when first run")
+    for c in info["autotune"]:
+        timed = f" (tiles {c['tiles_ms']:.3f} ms, gemm {c['gemm_ms']:.3f} ms)" if c["tiles_ms"] else " (loaded)"
+        print(f"  H={c['hidden']} B<={c['batch_max']} {c['dtype']} {c['threads']} threads {c['isa']} "
+              f"{c['pass']}: {c['path']}{timed}")
     print("configuration (myrnn_fast.config; each knob's variable sets it at import)")
     for knob in info["config"]:
         origin = "" if knob["source"] == "default" else f", from {knob['source']}; default {knob['default']}"

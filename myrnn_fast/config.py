@@ -30,7 +30,7 @@ class Knob:
     name: str
     type: type  # str or int
     default: Any
-    owner: str  # what reads it: "registry", "cpp", "cuda" (the cpp backend built with CUDA), "numba"
+    owner: str  # what reads it: "registry", "cpp", "cuda" (the cpp backend built with CUDA), "numba", "autotune"
     help: str
     choices: tuple | None = None  # the valid values of a str knob, or of an int knob with few values
     minimum: int | None = None  # the smallest valid value of an int knob
@@ -72,13 +72,24 @@ KNOBS: dict[str, Knob] = {
              choices=("auto", "baseline", "avx2", "avx512")),
         Knob("cpu_path", str, "auto", "cpp",
              "cpp CPU recurrence: tiles (register-tiled kernels), gemm (one BLAS GEMM a step), "
-             "auto (by cpu_tiles_max_hidden / cpu_tiles_max_batch)",
+             "auto (measured per kind of call, or by cpu_tiles_max_hidden / cpu_tiles_max_batch "
+             "with cpu_autotune 0)",
              choices=("auto", "tiles", "gemm")),
         Knob("cpu_tiles_max_hidden", int, 512, "cpp",
              "auto runs the register tiles up to this hidden size ...", minimum=0),
         Knob("cpu_tiles_max_batch", int, 16, "cpp",
              "... and beyond it for batches of 2 to this many rows (each 4-row tile streams W_hh "
              "from cache, so wide batches amortize it better in a GEMM)", minimum=0),
+        Knob("cpu_autotune", int, 1, "cpp",
+             "1: under cpu_path auto, the first call of each kind (hidden size, batch up to a "
+             "power of two, dtype, threads, instruction set, forward or backward) times tiles and "
+             "gemm and keeps the faster for the process (myrnn_fast.autotune); 0: the two "
+             "thresholds above decide, the same way every run",
+             choices=(0, 1)),
+        Knob("cpu_autotune_file", str, "", "autotune",
+             "a JSON file of cpu_autotune's choices: those saved there on this machine (same CPU "
+             "model and torch) are loaded when the cpp backend is first used, and the process's "
+             "are written back at exit; empty: choices live only in the process"),
         Knob("cpu_parallel_min_work", int, 1 << 17, "cpp",
              "multiply-adds below which a cpp CPU call stays on the calling thread (waking the "
              "pool costs more)", minimum=0),

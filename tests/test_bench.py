@@ -4,6 +4,7 @@ Speed is never asserted: these check that every implementation is timed on equal
 report has every row, skip and file it should, and that bad arguments are clear errors.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import torch
 
 import myrnn_fast
 from myrnn_fast import cli, registry
-from myrnn_fast.benchmark import Grid, report, run, timing, workloads, write
+from myrnn_fast.benchmark import Grid, peers, report, run, timing, workloads, write
 
 TINY = (3, 2, 2, 4)
 WIDE = (2, 5001, 1, 2)  # more row-steps than the reference loop is allowed, yet cheap for the rest
@@ -218,3 +219,103 @@ def test_cli_writes_the_report(tmp_path):
         ("fwd", "torch.nn.RNN"), ("fwd", "torch"), ("cell", "torch.nn.RNNCell"), ("cell", "torch")}
     assert data["config"]["device"] == "cpu" and data["config"]["preset"] is None
     assert (tmp_path / "report.md").exists()
+
+
+# ---- the torch.mm floor and the peers ----------------------------------------------------------
+
+
+def test_fwd_bwd_rows_carry_the_mm_floor_of_their_own_rounds(result):
+    for row in result["results"]:
+        if row["pass"] != "fwd+bwd" or row["timed"] == "alone":  # the reference loop runs apart from the floor
+            assert row["mm_floor_ms"] is None and row["fraction_of_floor"] is None
+            continue
+        assert row["mm_floor_ms"] > 0
+        assert row["fraction_of_floor"] == pytest.approx(row["mm_floor_ms"] / row["median_ms"])
+    floors = {tuple(r["shape"].values()): r["mm_floor_ms"] for r in result["results"] if r["pass"] == "fwd+bwd"
+              and r["timed"] == "interleaved"}
+    assert set(floors) == {TINY, WIDE}
+    assert "torch.mm floor" in report.summary_table(result)[0]
+
+
+def test_the_mm_floor_runs_exactly_the_unavoidable_products():
+    T, B, I, H = 4, 3, 2, 5
+    shapes = []
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.mm:
+                shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
+            return func(*args, **(kwargs or {}))
+
+    floor = workloads.mm_floor((T, B, I, H))
+    with Count():
+        floor()
+    N = T * B
+    assert sorted(shapes) == sorted([((N, I), (I, H)), *[((B, H), (H, H))] * (2 * T), ((H, N), (N, I)), ((H, N), (N, H))])
+
+
+PEERS_HERE = [p for p in peers.PEERS if peers.unavailable_reason(p, "cpu") is None]
+
+
+@pytest.fixture(scope="module")
+def peer_result():
+    if not PEERS_HERE:
+        pytest.skip("no peer is installed (pip install 'myrnn_fast[peers]')")
+    return run(_tiny_grid(shapes=[TINY]), backends=["torch"], peers=[*PEERS_HERE, "compile"])
+
+
+def test_installed_peers_are_checked_then_timed_in_the_same_rounds(peer_result):
+    rows = {(r["pass"], r["backend"]): r for r in peer_result["results"]}
+    assert peer_result["config"]["peers"] == PEERS_HERE  # "compile" named torch.compile, once
+    for name in PEERS_HERE:
+        for pass_ in workloads.PASSES:
+            reason = peers.skip_reason(name, TINY, pass_)
+            if reason is not None:
+                assert (pass_, name) not in rows
+                assert any(e["backend"] == name and e["pass"] == pass_ and e["reason"] == reason
+                           for e in peer_result["skipped"])
+                continue
+            row = rows[pass_, name]
+            assert row["peer"] and row["timed"] == "interleaved" and row["error_vs_torch_nn"] <= 1e-3
+            base = rows[pass_, "torch.nn.RNN"]
+            assert row["speedup_vs_torch_nn"] == pytest.approx(base["median_ms"] / row["median_ms"])
+            assert row["rounds"] == base["rounds"]  # the same interleaved rounds
+            assert (row["compile_s"] is not None) == (name == "torch.compile")
+    assert ("fwd", "torch") in rows and not rows["fwd", "torch"]["peer"]
+    header = report.summary_table(peer_result)[0]
+    assert all(f"`{name}` (peer)" in header for name in PEERS_HERE)
+    if "torch.compile" in PEERS_HERE:
+        assert "compiling included" in "\n".join(report.compile_lines(peer_result))
+    assert "onnxruntime" not in PEERS_HERE or ("fwd+bwd", "onnxruntime") not in rows
+
+
+@pytest.mark.parametrize("peer", PEERS_HERE)
+def test_each_peer_computes_what_torch_nn_does(peer):
+    for pass_ in peers.PASSES:
+        if peers.skip_reason(peer, TINY, pass_) is None:
+            assert peers.build(peer, TINY, pass_).error < 1e-5
+
+
+def test_a_peer_that_disagrees_is_reported_not_timed(monkeypatch):
+    monkeypatch.setattr(peers, "_relative_error", lambda got, expected: 0.5)
+    data = run(_tiny_grid(shapes=[TINY], passes=["fwd"]), backends=["torch"], peers=["torch.compile"])
+    assert not [r for r in data["results"] if r["backend"] == "torch.compile"]
+    entry = next(e for e in data["skipped"] if e["backend"] == "torch.compile")
+    assert "disagrees with torch.nn" in entry["reason"] and "5.00e-01" in entry["reason"]
+    assert "| skipped |" in report.summary_table(data)[2]
+
+
+def test_a_peer_not_installed_is_skipped_with_its_reason(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real(name, *a))
+    assert "jax not installed" in peers.unavailable_reason("jax", "cpu")
+    data = run(_tiny_grid(shapes=[TINY], passes=["fwd"]), backends=["torch"], peers=["jax"])
+    assert data["config"]["peers"] == []
+    assert data["skipped"] == [{"backend": "jax", "shape": None, "pass": None,
+                                "reason": "jax not installed (pip install 'myrnn_fast[peers]')"}]
+
+
+def test_cli_rejects_an_unknown_peer(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--peers", "jax,tensorflow"])
+    assert "unknown peer 'tensorflow'; valid peers are: jax, onnxruntime, torch.compile" in capsys.readouterr().err

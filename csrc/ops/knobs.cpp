@@ -80,6 +80,9 @@ Knob cpu_path{"cpu_path", {"auto", "tiles", "gemm"}, "auto"};
 // row running on one thread. The best thresholds move with the machine: config.py can set them.
 Knob cpu_tiles_max_hidden{"cpu_tiles_max_hidden", 512};
 Knob cpu_tiles_max_batch{"cpu_tiles_max_batch", 16};
+// The crossover moves with the cores, caches, vector width and BLAS of each machine, and with the
+// load on shared ones: measured on first use, it need not be guessed.
+Knob cpu_autotune{"cpu_autotune", 1, {0, 1}};
 // Waking ATen's pool costs microseconds: below this many multiply-adds, about that long on one
 // core, a call runs on the calling thread.
 Knob cpu_parallel_min_work{"cpu_parallel_min_work", int64_t{1} << 17};
@@ -98,6 +101,7 @@ const std::vector<Knob*>& registry() {
                                       &cpu_path,
                                       &cpu_tiles_max_hidden,
                                       &cpu_tiles_max_batch,
+                                      &cpu_autotune,
                                       &cpu_parallel_min_work,
                                       &cpu_cell_gil_release_min_work,
 #ifdef MYRNN_WITH_CUDA

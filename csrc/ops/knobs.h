@@ -63,6 +63,9 @@ extern Knob cpu_path;
 // Where auto takes the tiles: up to this hidden size, and above it for 2 <= batch <= cpu_tiles_max_batch.
 extern Knob cpu_tiles_max_hidden;
 extern Knob cpu_tiles_max_batch;
+// 1: under cpu_path "auto", the first call of each kind times both paths and keeps the faster
+// (ops/autotune.h); 0: the two thresholds above decide.
+extern Knob cpu_autotune;
 // Multiply-adds below which a CPU call runs on the calling thread rather than ATen's pool.
 extern Knob cpu_parallel_min_work;
 // Multiply-adds from which _C.rnn_cell_cpu releases the GIL while it computes.

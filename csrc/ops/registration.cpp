@@ -14,6 +14,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "ops/autotune.h"
 #include "ops/knobs.h"
 #include "ops/rnn_cpu.h"
 #ifdef MYRNN_WITH_CUDA
@@ -144,5 +145,42 @@ PYBIND11_MODULE(_C, m) {
       },
       "set one knob; ValueError for an unknown name or an invalid value", pybind11::arg("name"),
       pybind11::arg("value"));
+  m.def(
+      "autotune_cache",
+      [] {
+        namespace autotune = myrnn_fast::cpu::autotune;
+        pybind11::list result;
+        for (const autotune::Entry& e : autotune::entries()) {
+          pybind11::dict d;
+          d["hidden"] = e.key.hidden;
+          d["batch_max"] = e.key.batch_bucket;
+          d["dtype"] = e.key.dtype;
+          d["threads"] = e.key.threads;
+          d["isa"] = e.key.isa;
+          d["pass"] = e.key.backward ? "backward" : "forward";
+          d["path"] = autotune::name(e.path);
+          d["tiles_ms"] = e.tiles_seconds * 1e3;
+          d["gemm_ms"] = e.gemm_seconds * 1e3;
+          result.append(d);
+        }
+        return result;
+      },
+      "the CPU recurrence paths chosen by measurement so far (knob cpu_autotune), one dict per kind of call");
+  m.def("autotune_clear", &myrnn_fast::cpu::autotune::clear, "forget every measured path choice");
+  m.def(
+      "autotune_record",
+      [](int64_t hidden, int64_t batch_max, const std::string& dtype, int64_t threads, const std::string& isa,
+         const std::string& pass, const std::string& path) {
+        namespace autotune = myrnn_fast::cpu::autotune;
+        TORCH_CHECK_VALUE(pass == "forward" || pass == "backward", "pass must be forward or backward, got ", pass);
+        TORCH_CHECK_VALUE(path == "tiles" || path == "gemm", "path must be tiles or gemm, got ", path);
+        TORCH_CHECK_VALUE(batch_max >= 1 && autotune::batch_bucket(batch_max) == batch_max,
+                          "batch_max must be a power of two, got ", batch_max);
+        autotune::record({{hidden, batch_max, dtype, threads, isa, pass == "backward"},
+                          path == "tiles" ? autotune::Path::kTiles : autotune::Path::kGemm, 0.0, 0.0});
+      },
+      "remember a path choice made earlier (a saved cache); a kind already measured keeps its choice",
+      pybind11::arg("hidden"), pybind11::arg("batch_max"), pybind11::arg("dtype"), pybind11::arg("threads"),
+      pybind11::arg("isa"), pybind11::arg("pass"), pybind11::arg("path"));
   m.def("cpu_isas", &cpu::cpu_isas, "instruction sets this CPU and build support (knob cpu_isa's choices)");
 }

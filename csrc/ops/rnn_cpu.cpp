@@ -2,17 +2,21 @@
 //
 // One call runs a whole sequence. The input projection x W_ih^T + b of every step is one GEMM
 // (ATen, so MKL/OpenBLAS), and so are the weight gradients after the reverse recurrence
-// (ops/rnn_layer.h). The recurrence itself takes one of two paths (knob cpu_path; use_tiles):
+// (ops/rnn_layer.h). The recurrence itself takes one of two paths (knob cpu_path; choose_path):
 //  - "tiles": the register-tiled kernels of kernels/cpu/rnn_cpu_kernels.cpp, no allocation or
 //    dispatch per step. Batch rows never interact, so each thread of ATen's pool runs the whole
 //    sequence for its own share of rows: no synchronization per step at all;
 //  - "gemm": one BLAS GEMM per step (multi-threaded by the BLAS) written in place, then the
 //    vectorized nonlinearity, split over ATen's pool: the loop of ops/rnn_layer.h, which the CUDA
 //    ops share, as they share its gradient GEMMs.
+// Which one wins depends on the machine (cores, caches, vector width, the BLAS), so under "auto"
+// the first call of each kind times both and the faster serves the rest (ops/autotune.h); the
+// static size thresholds decide only with knob cpu_autotune off.
 
 #include "ops/rnn_cpu.h"
 
 #include "kernels/cpu/rnn_cpu_kernels.h"
+#include "ops/autotune.h"
 #include "ops/knobs.h"
 #include "ops/rnn_checks.h"
 #include "ops/rnn_layer.h"
@@ -23,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -63,14 +68,47 @@ template <typename T> const Kernels<T>& kernels();
 template <> const Kernels<float>& kernels<float>() { return table().f32; }
 template <> const Kernels<double>& kernels<double>() { return table().f64; }
 
-bool use_tiles(int64_t hidden, int64_t batch) {
-  switch (knobs::cpu_path.as<knobs::CpuPath>()) {
-    case knobs::CpuPath::kTiles: return true;
-    case knobs::CpuPath::kGemm: return false;
-    default:
-      return hidden <= knobs::cpu_tiles_max_hidden.get() ||
-             (batch > 1 && batch <= knobs::cpu_tiles_max_batch.get());
+// The thresholds' choice: what "auto" runs with autotuning off.
+bool static_tiles(int64_t hidden, int64_t batch) {
+  return hidden <= knobs::cpu_tiles_max_hidden.get() || (batch > 1 && batch <= knobs::cpu_tiles_max_batch.get());
+}
+
+// torch's name for a dtype, as Python prints it.
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    default: return c10::toString(dtype);
   }
+}
+
+// How one call runs its recurrence: a path, or "measure both" (the first call of its kind).
+struct PathChoice {
+  std::optional<autotune::Path> path;  // empty: time both, keep the faster (autotune::measure)
+  autotune::Key key;
+};
+
+PathChoice choose_path(const Layout& l, at::ScalarType dtype, bool backward) {
+  using autotune::Path;
+  switch (knobs::cpu_path.as<knobs::CpuPath>()) {
+    case knobs::CpuPath::kTiles: return {Path::kTiles, {}};
+    case knobs::CpuPath::kGemm: return {Path::kGemm, {}};
+    default: break;
+  }
+  const Path fixed = static_tiles(l.hidden, l.batch) ? Path::kTiles : Path::kGemm;
+  if (!knobs::cpu_autotune.get() || l.seq_len == 0) return {fixed, {}};
+  autotune::Key key{l.hidden, autotune::batch_bucket(l.batch), dtype_name(dtype), at::get_num_threads(),
+                    table().isa, backward};
+  return {autotune::lookup(key), std::move(key)};
+}
+
+template <typename F>
+double seconds_of(const F& fn) {
+  const auto start = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 // fn(r0, r1) over [0, batch) rows, one even share per thread of ATen's pool when `work` (in
@@ -124,19 +162,34 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
     } else {
       out = input_projection(rows, w_ih, bias);
     }
-    if (use_tiles(H, l.batch)) {
-      const at::Tensor w_hh_t = w_hh.t().contiguous();
-      const Sequence s = l.sequence();
-      for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
-        k.forward(s, out.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
-                  h_n.data_ptr<scalar_t>(), relu, r0, r1);
+    // The recurrence over the projections in `o`, in place, by one path; final states into `hn`.
+    const auto recur = [&](autotune::Path path, const at::Tensor& o, const at::Tensor& hn) {
+      if (path == autotune::Path::kTiles) {
+        const at::Tensor w_hh_t = w_hh.t().contiguous();
+        const Sequence s = l.sequence();
+        for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
+          k.forward(s, o.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
+                    hn.data_ptr<scalar_t>(), relu, r0, r1);
+        });
+        return;
+      }
+      gemm_forward(o, h, w_hh, hn, l, [&](const at::Tensor& cur) {
+        scalar_t* y = cur.data_ptr<scalar_t>();
+        for_elements(cur.numel(), [&](int64_t i0, int64_t i1) { k.activate(y + i0, i1 - i0, relu); });
       });
-      return;
-    }
-    gemm_forward(out, h, w_hh, h_n, l, [&](const at::Tensor& cur) {
-      scalar_t* y = cur.data_ptr<scalar_t>();
-      for_elements(cur.numel(), [&](int64_t i0, int64_t i1) { k.activate(y + i0, i1 - i0, relu); });
+    };
+    const PathChoice choice = choose_path(l, x.scalar_type(), /*backward=*/false);
+    if (choice.path) return recur(*choice.path, out, h_n);
+    // Each timed run starts from its own copy of the projections (made off the clock).
+    at::Tensor outs[2], h_ns[2];
+    const autotune::Path winner = autotune::measure(choice.key, [&](autotune::Path path) {
+      const int i = static_cast<int>(path);
+      outs[i] = out.clone();
+      h_ns[i] = at::empty_like(h);
+      return seconds_of([&] { recur(path, outs[i], h_ns[i]); });
     });
+    out = outs[static_cast<int>(winner)];
+    h_n = h_ns[static_cast<int>(winner)];
   });
   return {out.view(output_sizes(x, H)), h_n};
 }
@@ -162,19 +215,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const Kernels<scalar_t>& k = kernels<scalar_t>();
     const scalar_t* go_p = go.defined() ? go.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* ghn_p = ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr;
-    if (use_tiles(H, B)) {
-      const Sequence s = l.sequence();
-      for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
-        k.backward(s, dz.data_ptr<scalar_t>(), go_p, ghn_p, y.const_data_ptr<scalar_t>(),
-                   w.const_data_ptr<scalar_t>(), relu, r0, r1);
+    // The reverse recurrence into `d` (every element written) by one path.
+    const auto recur = [&](autotune::Path path, const at::Tensor& d) {
+      if (path == autotune::Path::kTiles) {
+        const Sequence s = l.sequence();
+        for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
+          k.backward(s, d.data_ptr<scalar_t>(), go_p, ghn_p, y.const_data_ptr<scalar_t>(),
+                     w.const_data_ptr<scalar_t>(), relu, r0, r1);
+        });
+        return;
+      }
+      gemm_backward(d, go, ghn, y, w, l, [&](const at::Tensor& g_t, const at::Tensor& y_t) {
+        scalar_t* g = g_t.data_ptr<scalar_t>();
+        const scalar_t* yp = y_t.const_data_ptr<scalar_t>();
+        for_elements(g_t.numel(), [&](int64_t i0, int64_t i1) { k.mul_dact(g + i0, yp + i0, i1 - i0, relu); });
       });
-      return;
-    }
-    gemm_backward(dz, go, ghn, y, w, l, [&](const at::Tensor& g_t, const at::Tensor& y_t) {
-      scalar_t* g = g_t.data_ptr<scalar_t>();
-      const scalar_t* yp = y_t.const_data_ptr<scalar_t>();
-      for_elements(g_t.numel(), [&](int64_t i0, int64_t i1) { k.mul_dact(g + i0, yp + i0, i1 - i0, relu); });
+    };
+    const PathChoice choice = choose_path(l, x.scalar_type(), /*backward=*/true);
+    if (choice.path) return recur(*choice.path, dz);
+    at::Tensor dzs[2];
+    const autotune::Path winner = autotune::measure(choice.key, [&](autotune::Path path) {
+      const int i = static_cast<int>(path);
+      dzs[i] = at::empty_like(dz);
+      return seconds_of([&] { recur(path, dzs[i]); });
     });
+    dz = dzs[static_cast<int>(winner)];
   });
   return layer_grads(dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
 }

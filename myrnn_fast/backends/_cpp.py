@@ -37,6 +37,9 @@ else:
     config.bind("cpp", _C.set_knob)
     if "cuda" in DEVICE_TYPES:
         config.bind("cuda", _C.set_knob)
+    from .. import autotune
+
+    autotune.bind(_C)  # loads the saved path choices named by knob cpu_autotune_file
 
 
 def unavailable_reason() -> str | None:

@@ -9,6 +9,7 @@ import torch
 
 from .. import registry
 from . import report as report_
+from . import peers as peers_
 from . import runner, workloads
 
 DTYPES = ("float32", "float64")
@@ -24,6 +25,16 @@ def _backend_list(text: str) -> list[str]:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return names
+
+
+def _peer_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one peer")
+    try:
+        return [peers_.check_name(name) for name in names]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _pass_list(text: str) -> list[str]:
@@ -60,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", type=_backend_list, metavar="A,B",
                         help=f"backends to time, comma-separated (default: every one usable on the device; "
                              f"names: {', '.join(registry.BACKENDS)})")
+    parser.add_argument("--peers", type=_peer_list, metavar="A,B",
+                        help=f"also time what a user might use instead, checked against torch.nn first: "
+                             f"{', '.join(peers_.PEERS)} (or {', '.join(peers_.ALIASES)}); needs "
+                             f"pip install 'myrnn_fast[peers]', a peer not installed is skipped with the reason")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--out", metavar="DIR", help="write report.md, report.json and speedup.png here")
     parser.add_argument("--shapes", type=_shape, nargs="+", metavar="T,B,I,H", help="replace the preset's shapes")
@@ -80,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     grid = runner.Grid.preset(args.preset, shapes=args.shapes, passes=args.passes, budget_s=args.budget)
     result = runner.run(grid, args.backends, args.device, getattr(torch, args.dtype), _progress,
-                        preset=None if args.shapes else args.preset)
+                        preset=None if args.shapes else args.preset, peers=args.peers)
     print("\n".join(report_.summary_table(result)))
     skipped = report_.skipped_lines(result)
     if skipped:

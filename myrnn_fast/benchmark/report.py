@@ -55,27 +55,62 @@ def _load(info: dict) -> str:
     return f"; 1-minute load average before the run {load[0]:.2f}" if load else ""
 
 
+def columns(report: dict) -> list[str]:
+    """The implementations with a column of their own: the backends, then the peers."""
+    return [*report["config"]["backends"], *report["config"].get("peers", [])]
+
+
+def _floor_cell(report: dict, rows: list[dict]) -> str:
+    """The torch.mm floor of a fwd+bwd group, and the fastest backend's fraction of it."""
+    floor = next((r["mm_floor_ms"] for r in rows if r.get("mm_floor_ms")), None)
+    if floor is None:
+        return "—"
+    ours = [r for r in rows if r["backend"] in report["config"]["backends"]]
+    if not ours:
+        return f"{format_ms(floor)} ms"
+    best = min(ours, key=lambda r: r["median_ms"])
+    return f"{format_ms(floor)} ms; `{best['backend']}` at **{best['fraction_of_floor']:.2f}**"
+
+
 def summary_table(report: dict) -> list[str]:
-    """One row per (shape, pass): the baseline's median, then each backend's speedup and median."""
-    backends = report["config"]["backends"]
+    """One row per (shape, pass): the baseline's median, then each backend's and peer's speedup and
+    median, then (when fwd+bwd was timed) the torch.mm floor and our best fraction of it."""
+    names = columns(report)
+    peers = set(report["config"].get("peers", []))
+    with_floor = "fwd+bwd" in report["config"]["passes"]
     index = _index(report)
     lines = [
-        "| shape (T, B, I, H) | pass | torch.nn | " + " | ".join(f"`{b}`" for b in backends) + " |",
-        "| --- | --- | ---: | " + " | ".join("---:" for _ in backends) + " |",
+        "| shape (T, B, I, H) | pass | torch.nn | "
+        + " | ".join(f"`{b}` (peer)" if b in peers else f"`{b}`" for b in names)
+        + (" | torch.mm floor |" if with_floor else " |"),
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + (" | ---: |" if with_floor else " |"),
     ]
     for shape, pass_ in _groups(report):
         base = index[shape, pass_, workloads.baseline(pass_)]
-        cells = []
-        for backend in backends:
+        cells, rows = [], [base]
+        for backend in names:
             row = index.get((shape, pass_, backend))
             if row is None:
                 cells.append("skipped" if _skip_reason(report, shape, pass_, backend) else "—")
             else:
+                rows.append(row)
                 cells.append(f"**{row['speedup_vs_torch_nn']:.2f}×** {format_ms(row['median_ms'])} ms")
+        if with_floor:
+            cells.append(_floor_cell(report, rows))
         lines.append(
             f"| {workloads.label(shape)} | {pass_} | {format_ms(base['median_ms'])} ms | " + " | ".join(cells) + " |"
         )
     return lines
+
+
+def compile_lines(report: dict) -> list[str]:
+    """torch.compile's first calls (compiling included), reported apart from the timed calls."""
+    rows = [r for r in report["results"] if r.get("compile_s") is not None]
+    if not rows:
+        return []
+    where = "; ".join(f"{workloads.label(_shape(r['shape']))} {r['pass']}: {r['compile_s']:.1f} s" for r in rows)
+    return [f"- `{rows[0]['backend']}` first call, compiling included (not in the timed medians; inductor's "
+            f"on-disk cache off): {where}"]
 
 
 def skipped_lines(report: dict) -> list[str]:
@@ -112,9 +147,18 @@ def pasteable(report: dict) -> str:
         *busy_warning(report),
         "Each backend cell: **speedup** = `torch.nn` median / backend median (above 1× is faster than "
         "`torch.nn.RNN`, or `torch.nn.RNNCell` for `cell`), then the backend's median time.",
+        *(["Peers (what a user might use instead: same weights and data, checked against `torch.nn` "
+           "first, timed in the same rounds) read the same way."] if report["config"].get("peers") else []),
+        *(["**torch.mm floor** (fwd+bwd): the time `torch.mm` alone takes, in the same rounds, for the "
+           "products the pass cannot avoid (input projection, 2·T hidden-state products, dW_ih, dW_hh); "
+           "then the fastest backend's fraction of it (floor / its time: 1 would be all products, "
+           "no overhead)."] if "fwd+bwd" in report["config"]["passes"] else []),
         "",
         *summary_table(report),
     ]
+    extra = compile_lines(report)
+    if extra:
+        lines += ["", *extra]
     skipped = skipped_lines(report)
     if skipped:
         lines += ["", *skipped]
@@ -124,14 +168,16 @@ def pasteable(report: dict) -> str:
 def details_table(report: dict) -> list[str]:
     lines = [
         "| shape (T, B, I, H) | pass | implementation | median ms | min ms | IQR ms | rounds × calls "
-        "| GFLOP/s | of GEMM peak | speedup | timed |",
+        "| GFLOP/s | of mm floor | speedup | timed |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in report["results"]:
+        floor = f"{row['fraction_of_floor']:.2f}" if row.get("fraction_of_floor") else "—"
+        name = f"`{row['backend']}`" + (" (peer)" if row.get("peer") else "")
         lines.append(
-            f"| {workloads.label(_shape(row['shape']))} | {row['pass']} | `{row['backend']}` | {format_ms(row['median_ms'])} "
+            f"| {workloads.label(_shape(row['shape']))} | {row['pass']} | {name} | {format_ms(row['median_ms'])} "
             f"| {format_ms(row['min_ms'])} | {format_ms(row['iqr_ms'])} | {row['rounds']} × {row['calls_per_round']} "
-            f"| {row['gflops']:.2f} | {row['peak_fraction']:.1%} | {row['speedup_vs_torch_nn']:.2f}× | {row['timed']} |"
+            f"| {row['gflops']:.2f} | {floor} | {row['speedup_vs_torch_nn']:.2f}× | {row['timed']} |"
         )
     return lines
 
@@ -155,7 +201,7 @@ def markdown(report: dict, plot_name: str | None) -> str:
         "Median, minimum and interquartile range of the per-call time over the rounds; a round times",
         "`calls` consecutive calls of a fast pass and divides. GFLOP/s counts the matrix products only",
         "(forward `2TBH(I+H)`; backward adds the weight gradients and `2TBH·H` for the hidden state);",
-        "`of GEMM peak` divides by the measured square `torch.mm` peak. `interleaved`: timed in the same",
+        "`of mm floor` (fwd+bwd) is the torch.mm floor's time over this row's. `interleaved`: timed in the same",
         "rounds as the baseline, order rotating per round; `alone`: the reference loop, timed after the",
         "others so its allocation churn does not slow them.",
         "",
@@ -187,12 +233,16 @@ def plot(report: dict, path: Path) -> None:
     ticks = ["\n".join(workloads.label(s).split(" (", 1)).rstrip(")") for s in shapes]
     for ax, pass_ in zip(axes, passes):
         ax.axhline(1.0, color="black", linewidth=1, label="torch.nn = 1×")
-        for backend in report["config"]["backends"]:
+        peers = report["config"].get("peers", [])
+        for backend in columns(report):
             points = [(i, index[s, pass_, backend]["speedup_vs_torch_nn"])
                       for i, s in enumerate(shapes) if (s, pass_, backend) in index]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=backend)
+                if backend in peers:
+                    ax.plot(xs, ys, marker="s", linestyle="--", label=f"{backend} (peer)")
+                else:
+                    ax.plot(xs, ys, marker="o", label=backend)
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import machine, timing, workloads
+from . import machine, peers as peers_, timing, workloads
 
 REFERENCE = "reference"
+FLOOR = "torch.mm floor"  # the fwd+bwd products alone, timed in the same rounds (workloads.mm_floor)
 
 
 @dataclass
@@ -57,9 +58,36 @@ def _row(impl, shape, pass_, measured: timing.Timing, baseline_s: float | None, 
         "gflops": gflops,
         "peak_fraction": gflops / peak_gflops if peak_gflops else None,
         "timed": how,
+        "peer": False,
+        "mm_floor_ms": None,  # fwd+bwd rows timed with the floor (interleaved) fill these two
+        "fraction_of_floor": None,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def _build_peers(names, shape, pass_, device, dtype, skipped: list, say) -> dict[str, peers_.Peer]:
+    """The peers to time at this shape and pass, each checked against torch.nn; the rest go to
+    ``skipped`` with the reason (including a failed check, with the error measured)."""
+    ready = {}
+    for name in names:
+        reason = peers_.skip_reason(name, shape, pass_)
+        if reason is None:
+            try:
+                peer = peers_.build(name, shape, pass_, device, dtype)
+            except Exception as exc:  # noqa: BLE001  (a peer's own failure is reported, not fatal)
+                reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            else:
+                tolerance = peers_.TOLERANCE.get(dtype, 1e-3)
+                if peer.error <= tolerance:
+                    ready[name] = peer
+                    if peer.compile_s is not None:
+                        say(f"  {name} at {workloads.label(shape)} {pass_}: first call (compiling) {peer.compile_s:.1f} s")
+                    continue
+                reason = (f"disagrees with torch.nn (relative error {peer.error:.2e} > {tolerance:.0e}): "
+                          "not timed")
+        skipped.append({"backend": name, "shape": _shape_dict(shape), "pass": pass_, "reason": reason})
+    return ready
 
 
 def _progress_line(index: int, total: int, shape, pass_: str, rows: list[dict], started: float) -> str:
@@ -82,17 +110,27 @@ def run(
     dtype=torch.float32,
     progress: Callable[[str], None] | None = None,
     preset: str | None = None,
+    peers: list[str] | None = None,
 ) -> dict:
     """Time ``grid`` and return ``{"machine", "config", "results", "skipped"}`` (see docs/benchmarks.md).
 
     ``backends=None`` times every backend usable on ``device``; the others are listed in
     ``skipped`` with the reason, as are the reference loop's shapes that would take too long.
+    ``peers`` (names of :mod:`.peers`) are timed in the same rounds after a check against
+    ``torch.nn``; one not installed, or that disagrees, is listed in ``skipped`` with the reason.
     """
     device = torch.device(device)
     say = progress or (lambda message: None)
     started = time.perf_counter()
     chosen, unusable = workloads.select_backends(backends, device)
     skipped = [{"backend": name, "shape": None, "pass": None, "reason": reason} for name, reason in unusable.items()]
+    peer_names = []
+    for name in dict.fromkeys(peers_.check_name(p) for p in peers or []):
+        reason = peers_.unavailable_reason(name, device)
+        if reason is None:
+            peer_names.append(name)
+        else:
+            skipped.append({"backend": name, "shape": None, "pass": None, "reason": reason})
 
     info = machine.machine_info(device)
     say(f"machine: {machine.describe(info)}")
@@ -116,14 +154,27 @@ def run(
     for index, (shape, pass_) in enumerate(groups, 1):
         impls = [workloads.baseline(pass_), *fast]
         fns = {impl: workloads.workload(impl, shape, pass_, device, dtype) for impl in impls}
+        checked = _build_peers(peer_names, shape, pass_, device, dtype, skipped, say)
+        fns.update({name: peer.fn for name, peer in checked.items()})
+        if pass_ == "fwd+bwd":
+            fns[FLOOR] = workloads.mm_floor(shape, device, dtype)
         timings = timing.interleaved(fns, grid.budget_s, grid.min_rounds, grid.max_rounds)
         del fns
         gc.collect()
         baseline_s[shape, pass_] = timings[impls[0]].median
+        floor_s = timings[FLOOR].median if FLOOR in timings else None
         rows = [
             _row(impl, shape, pass_, timings[impl], baseline_s[shape, pass_], peak, "interleaved", device, dtype)
-            for impl in impls
+            for impl in [*impls, *checked]
         ]
+        for row in rows:
+            peer = checked.get(row["backend"])
+            row["peer"] = peer is not None
+            if peer is not None:
+                row["error_vs_torch_nn"] = peer.error
+                row["compile_s"] = peer.compile_s
+            row["mm_floor_ms"] = floor_s * 1e3 if floor_s else None
+            row["fraction_of_floor"] = floor_s / (row["median_ms"] / 1e3) if floor_s else None
         results.extend(rows)
         say(_progress_line(index, total, shape, pass_, rows, started))
 
@@ -136,7 +187,7 @@ def run(
         results.append(row)
         say(_progress_line(index, total, shape, pass_, [row], started))
 
-    order = {name: i for i, name in enumerate(["torch.nn.RNN", "torch.nn.RNNCell", *chosen])}
+    order = {name: i for i, name in enumerate(["torch.nn.RNN", "torch.nn.RNNCell", *chosen, *peer_names])}
     position = {group: i for i, group in enumerate(groups)}
     results.sort(key=lambda r: (position[tuple(r["shape"].values()), r["pass"]], order[r["backend"]]))
     info["load_average_after"] = machine.load_average()
@@ -147,6 +198,7 @@ def run(
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "backends": chosen,
+            "peers": peer_names,
             "shapes": [_shape_dict(s) for s in grid.shapes],
             "passes": list(grid.passes),
             "budget_s": grid.budget_s,

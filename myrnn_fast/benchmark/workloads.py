@@ -129,23 +129,14 @@ def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, se
     T, B, I, H = shape
     device = torch.device(device)
     sync = _synchronizer(device)
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*size):  # drawn on the CPU so every device sees the same numbers
-        return torch.randn(*size, generator=generator, dtype=dtype).to(device)
-
-    is_baseline = impl == baseline(pass_)
-    torch_cls, our_cls = (torch.nn.RNNCell, RNNCell) if pass_ == "cell" else (torch.nn.RNN, RNN)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = torch_cls(I, H, device=device, dtype=dtype)
-    if not is_baseline:
-        ours = our_cls(I, H, device=device, dtype=dtype, backend=impl)
+    module, x, grad_out, grad_h = problem(shape, pass_, device, dtype, seed)
+    if impl != baseline(pass_):
+        ours = (RNNCell if pass_ == "cell" else RNN)(I, H, device=device, dtype=dtype, backend=impl)
         ours.load_state_dict(module.state_dict())
         module = ours
 
     if pass_ == "cell":
-        x, h = randn(B, I), randn(B, H)
+        h = grad_out
 
         def cell():  # timed with autograd off (see timing._sample), as the forward pass
             result = module(x, h)
@@ -155,7 +146,6 @@ def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, se
         cell.grad_enabled = False
         return cell
 
-    x = randn(T, B, I)
     if pass_ == "fwd":
 
         def forward():
@@ -166,7 +156,6 @@ def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, se
         forward.grad_enabled = False
         return forward
 
-    grad_out, grad_h = randn(T, B, H), randn(1, B, H)
     params = list(module.parameters())
 
     def train_step():
@@ -177,6 +166,58 @@ def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, se
         sync()
 
     return train_step
+
+
+def problem(shape, pass_: str, device="cpu", dtype=torch.float32, seed: int = 0):
+    """The baseline's module and the data every implementation of this pass gets:
+    ``(torch_module, x, grad_out, grad_h)``. For ``cell``, x is one step's ``[B, I]``, ``grad_out``
+    the state ``h`` ``[B, H]`` and ``grad_h`` ``None``; otherwise x is ``[T, B, I]`` and the two
+    upstream gradients are those of the output and of ``h_n``."""
+    T, B, I, H = shape
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*size):  # drawn on the CPU so every device sees the same numbers
+        return torch.randn(*size, generator=generator, dtype=dtype).to(device)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = (torch.nn.RNNCell if pass_ == "cell" else torch.nn.RNN)(I, H, device=device, dtype=dtype)
+    if pass_ == "cell":
+        return module, randn(B, I), randn(B, H), None
+    return module, randn(T, B, I), randn(T, B, H), randn(1, B, H)
+
+
+def mm_floor(shape, device="cpu", dtype=torch.float32) -> Callable[[], None]:
+    """The matrix products a ``fwd+bwd`` pass cannot avoid, each one ``torch.mm`` into a preallocated
+    output: the input projection of every step, one hidden-state product per step forward and one
+    backward, and the weight gradients ``dW_ih`` and ``dW_hh``. The input needs no gradient in
+    that pass (see :func:`workload`), so ``dx`` is not among them; neither are the nonlinearity,
+    the biases and the per-step bookkeeping. Its time is the floor an implementation's pass is
+    measured against."""
+    T, B, I, H = shape
+    device = torch.device(device)
+    sync = _synchronizer(device)
+    N = T * B
+
+    def randn(*size):
+        return torch.randn(*size, dtype=dtype, device=device)
+
+    x, w_ih, w_hh, y, dz = randn(N, I), randn(H, I), randn(H, H), randn(N, H), randn(N, H)
+    projected, dw_ih, dw_hh = randn(N, H), randn(H, I), randn(H, H)
+    steps = [randn(B, H) for _ in range(2)]
+
+    def floor():
+        torch.mm(x, w_ih.t(), out=projected)
+        for _ in range(T):
+            torch.mm(steps[0], w_hh.t(), out=steps[1])  # forward: h_t = f(p_t + h_{t-1} W_hh^T)
+        for _ in range(T):
+            torch.mm(steps[1], w_hh, out=steps[0])  # backward: dz_t W_hh
+        torch.mm(dz.t(), x, out=dw_ih)
+        torch.mm(dz.t(), y, out=dw_hh)
+        sync()
+
+    return floor
 
 
 def flops(shape, pass_: str) -> float:

@@ -40,7 +40,8 @@ const std::vector<const KernelTable*>& supported_tables() {
     __builtin_cpu_init();  // this may run before the constructors that would do it
 #endif
 #if defined(MYRNN_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) t.push_back(&kernels_avx2());
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      t.push_back(&kernels_avx2());
 #endif
 #if defined(MYRNN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -59,9 +60,27 @@ const KernelTable& table() {
   return choice == 0 ? *tables.back() : *tables[choice - 1];
 }
 
-template <typename T> const Kernels<T>& kernels();
+// ATen's scalar type -> the kernels' storage type (same size and bits).
+template <typename T> struct Storage { using type = T; };
+template <> struct Storage<at::BFloat16> { using type = bf16; };
+template <> struct Storage<at::Half> { using type = f16; };
+template <typename T> using storage_t = typename Storage<T>::type;
+
+template <typename S> const Kernels<S>& kernels();
 template <> const Kernels<float>& kernels<float>() { return table().f32; }
 template <> const Kernels<double>& kernels<double>() { return table().f64; }
+template <> const Kernels<bf16>& kernels<bf16>() { return table().b16; }
+template <> const Kernels<f16>& kernels<f16>() { return table().h16; }
+
+// A tensor's data as the kernels' storage type.
+template <typename T> storage_t<T>* ptr(const at::Tensor& t) { return reinterpret_cast<storage_t<T>*>(t.data_ptr<T>()); }
+template <typename T> const storage_t<T>* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const storage_t<T>*>(t.const_data_ptr<T>());
+}
+
+// float32, float64, and float16 / bfloat16 read and written as they are, computed in float.
+#define MYRNN_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 bool use_tiles(int64_t hidden, int64_t batch) {
   switch (knobs::cpu_path.as<knobs::CpuPath>()) {
@@ -102,8 +121,6 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
                                                c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
   const Layout l = layer_layout(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes);
-  if (is_reduced(x))
-    return in_float32(rnn_forward, x.scalar_type(), x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity);
   const int64_t H = l.hidden;
   const at::Tensor rows = x.reshape({l.rows, l.input});
   const std::optional<at::Tensor> bias = summed_bias(b_ih, b_hh);
@@ -112,15 +129,15 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   at::Tensor h_n = at::empty_like(h);
   if (l.seq_len == 0) h_n.copy_(h);
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
-    const Kernels<scalar_t>& k = kernels<scalar_t>();
+  MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
+    const auto& k = kernels<storage_t<scalar_t>>();
     // The input projection of every step at once; the recurrence then updates it in place.
     if (l.input == 1) {
       out = at::empty({l.rows, H}, x.options());
       const auto xc = rows.expect_contiguous();
       const auto wc = w_ih.expect_contiguous();
-      k.project_univariate(out.data_ptr<scalar_t>(), xc->const_data_ptr<scalar_t>(), wc->const_data_ptr<scalar_t>(),
-                           bias ? bias->const_data_ptr<scalar_t>() : nullptr, l.rows, H);
+      k.project_univariate(ptr<scalar_t>(out), cptr<scalar_t>(*xc), cptr<scalar_t>(*wc),
+                           bias ? cptr<scalar_t>(*bias) : nullptr, l.rows, H);
     } else {
       out = input_projection(rows, w_ih, bias);
     }
@@ -128,13 +145,12 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
       const at::Tensor w_hh_t = w_hh.t().contiguous();
       const Sequence s = l.sequence();
       for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
-        k.forward(s, out.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
-                  h_n.data_ptr<scalar_t>(), relu, r0, r1);
+        k.forward(s, ptr<scalar_t>(out), cptr<scalar_t>(h), cptr<scalar_t>(w_hh_t), ptr<scalar_t>(h_n), relu, r0, r1);
       });
       return;
     }
     gemm_forward(out, h, w_hh, h_n, l, [&](const at::Tensor& cur) {
-      scalar_t* y = cur.data_ptr<scalar_t>();
+      auto* y = ptr<scalar_t>(cur);
       for_elements(cur.numel(), [&](int64_t i0, int64_t i1) { k.activate(y + i0, i1 - i0, relu); });
     });
   });
@@ -151,28 +167,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const Layout l = layer_layout(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, batch_sizes);
   const int64_t H = l.hidden, B = l.batch, N = l.rows;
   const auto [go, ghn] = incoming_grads(grad_out, grad_h_n, x, out, l);
-  if (is_reduced(x))
-    return in_float32(rnn_backward, x.scalar_type(), grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes,
-                      nonlinearity, need_grad_x);
   const at::Tensor y = out.reshape({N, H}).contiguous();
   const at::Tensor w = w_hh.contiguous();
   at::Tensor dz = at::empty({N, H}, y.options());
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_backward", [&] {
-    const Kernels<scalar_t>& k = kernels<scalar_t>();
-    const scalar_t* go_p = go.defined() ? go.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* ghn_p = ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr;
+  MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_backward", [&] {
+    const auto& k = kernels<storage_t<scalar_t>>();
+    const auto* go_p = go.defined() ? cptr<scalar_t>(go) : nullptr;
+    const auto* ghn_p = ghn.defined() ? cptr<scalar_t>(ghn) : nullptr;
     if (use_tiles(H, B)) {
       const Sequence s = l.sequence();
       for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
-        k.backward(s, dz.data_ptr<scalar_t>(), go_p, ghn_p, y.const_data_ptr<scalar_t>(),
-                   w.const_data_ptr<scalar_t>(), relu, r0, r1);
+        k.backward(s, ptr<scalar_t>(dz), go_p, ghn_p, cptr<scalar_t>(y), cptr<scalar_t>(w), relu, r0, r1);
       });
       return;
     }
     gemm_backward(dz, go, ghn, y, w, l, [&](const at::Tensor& g_t, const at::Tensor& y_t) {
-      scalar_t* g = g_t.data_ptr<scalar_t>();
-      const scalar_t* yp = y_t.const_data_ptr<scalar_t>();
+      auto* g = ptr<scalar_t>(g_t);
+      const auto* yp = cptr<scalar_t>(y_t);
       for_elements(g_t.numel(), [&](int64_t i0, int64_t i1) { k.mul_dact(g + i0, yp + i0, i1 - i0, relu); });
     });
   });
@@ -186,11 +198,10 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
                     c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
   const Layout l = cell_shape(x, h, w_ih, w_hh, b_ih, b_hh);
-  if (is_reduced(x)) return in_float32(rnn_cell, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
   const int64_t B = l.batch, I = l.input, H = l.hidden;
   at::Tensor y;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_cell", [&] {
-    const Kernels<scalar_t>& k = kernels<scalar_t>();
+  MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_cell", [&] {
+    const auto& k = kernels<storage_t<scalar_t>>();
     if (B * H * (I + H) <= knobs::cpu_parallel_min_work.get()) {
       // Small enough that one pass of dot products beats three GEMM calls and their dispatch.
       y = at::detail::empty_cpu({B, H}, x.scalar_type(), /*pin_memory=*/false);  // no dispatch
@@ -201,13 +212,12 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
         bi = b_ih->expect_contiguous();
         bh = b_hh->expect_contiguous();
       }
-      k.cell(xc->const_data_ptr<scalar_t>(), hc->const_data_ptr<scalar_t>(), wi->const_data_ptr<scalar_t>(),
-             wh->const_data_ptr<scalar_t>(), b_ih ? bi->const_data_ptr<scalar_t>() : nullptr,
-             b_ih ? bh->const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), B, I, H, relu);
+      k.cell(cptr<scalar_t>(*xc), cptr<scalar_t>(*hc), cptr<scalar_t>(*wi), cptr<scalar_t>(*wh),
+             b_ih ? cptr<scalar_t>(*bi) : nullptr, b_ih ? cptr<scalar_t>(*bh) : nullptr, ptr<scalar_t>(y), B, I, H, relu);
       return;
     }
     y = cell_preactivation(x, h, w_ih, w_hh, b_ih, b_hh);
-    scalar_t* p = y.data_ptr<scalar_t>();
+    auto* p = ptr<scalar_t>(y);
     for_elements(B * H, [&](int64_t i0, int64_t i1) { k.activate(p + i0, i1 - i0, relu); });
   });
   return y;
@@ -222,6 +232,8 @@ std::vector<std::string> cpu_isas() {
 }
 
 std::string isa_in_use() { return table().isa; }
+
+std::string conversions_in_use() { return table().conversions; }
 
 }  // namespace myrnn_fast::cpu
 

@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 
@@ -37,22 +40,101 @@ typedef float vfloat __attribute__((vector_size(kBytes)));
 typedef double vdouble __attribute__((vector_size(kBytes)));
 typedef int32_t vint32 __attribute__((vector_size(kBytes)));
 
+typedef uint32_t vuint32 __attribute__((vector_size(kBytes)));
+// A float vector's worth of 16-bit values.
+typedef uint16_t vbits16 __attribute__((vector_size(kBytes / 2)));
+typedef _Float16 vhalf __attribute__((vector_size(kBytes / 2)));
+
+// The type a storage type S is computed in: float for the 16-bit types, else S itself.
+template <typename S> struct Compute { using type = S; };
+template <> struct Compute<bf16> { using type = float; };
+template <> struct Compute<f16> { using type = float; };
+template <typename S> using compute_t = typename Compute<S>::type;
+
 template <typename T> struct Vec;
 template <> struct Vec<float> { using type = vfloat; };
 template <> struct Vec<double> { using type = vdouble; };
-template <typename T> using vec = typename Vec<T>::type;
-template <typename T> constexpr int kLanes = kBytes / sizeof(T);
+template <> struct Vec<bf16> { using type = vfloat; };
+template <> struct Vec<f16> { using type = vfloat; };
+// The register vector a buffer of S is computed in, and its number of lanes.
+template <typename S> using vec = typename Vec<S>::type;
+template <typename S> constexpr int kLanes = kBytes / sizeof(compute_t<S>);
+
+// What the 16-bit loads and stores above compile to here (for `myrnn-fast info`).
+#if defined(__F16C__) || defined(__AVX512F__)
+constexpr const char* kConversions = "bfloat16: shift and integer rounding; float16: F16C (vcvtph2ps, vcvtps2ph)";
+#else
+constexpr const char* kConversions = "bfloat16: shift and integer rounding; float16: software";
+#endif
 
 constexpr int kRows = 4;     // rows per register tile
 constexpr int kVectors = 2;  // vectors of columns per register tile
 
-template <typename V, typename T> inline V load(const T* p) {
-  V v;
+template <typename To, typename From> inline To bits_as(From v) { return __builtin_bit_cast(To, v); }
+
+// ---- storage <-> registers: 16-bit values widen on load and round to nearest even on store --
+
+// kLanes<S> values of S from p into a vector of compute_t<S>.
+template <typename S> inline vec<S> load(const S* p) {
+  vec<S> v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-template <typename V, typename T> inline void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
-template <typename To, typename From> inline To bits_as(From v) { return __builtin_bit_cast(To, v); }
+// bfloat16 is float's upper half: widening is a shift.
+template <> inline vfloat load(const bf16* p) {
+  vbits16 h;
+  std::memcpy(&h, p, sizeof h);
+  return bits_as<vfloat>(__builtin_convertvector(h, vuint32) << 16);
+}
+// float16 by F16C's vcvtph2ps where there is one (GCC 12 converts _Float16 vectors one lane at a
+// time, so the intrinsics name the vector instruction), else lane by lane.
+template <> inline vfloat load(const f16* p) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512F__)
+  return bits_as<vfloat>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif MYRNN_VECTOR_BYTES == 32 && defined(__F16C__)
+  return bits_as<vfloat>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  vhalf h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vfloat);
+#endif
+}
+
+template <typename S> inline void store(S* p, vec<S> v) { std::memcpy(p, &v, sizeof v); }
+template <> inline void store(bf16* p, vfloat v) {
+  const vuint32 b = bits_as<vuint32>(v);
+  const vuint32 rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  // NaN must stay NaN: rounding could carry its payload into the exponent (or to Inf).
+  const vuint32 nan = bits_as<vuint32>(v != v);
+  const vuint32 r = (nan & ((b >> 16) | 0x40u)) | (~nan & rounded);
+  const vbits16 h = __builtin_convertvector(r, vbits16);
+  std::memcpy(p, &h, sizeof h);
+}
+template <> inline void store(f16* p, vfloat v) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(bits_as<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif MYRNN_VECTOR_BYTES == 32 && defined(__F16C__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(bits_as<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  const vhalf h = __builtin_convertvector(v, vhalf);
+  std::memcpy(p, &h, sizeof h);
+#endif
+}
+
+// The scalar conversions, for the columns past the last full vector.
+template <typename S> inline compute_t<S> widen(S v) { return v; }
+inline float widen(bf16 v) { return __builtin_bit_cast(float, uint32_t{v.bits} << 16); }
+inline float widen(f16 v) { return static_cast<float>(__builtin_bit_cast(_Float16, v.bits)); }
+
+template <typename S> inline S narrow(compute_t<S> v) { return v; }
+template <> inline bf16 narrow(float v) {
+  const uint32_t b = __builtin_bit_cast(uint32_t, v);
+  if (v != v) return {static_cast<uint16_t>((b >> 16) | 0x40u)};
+  return {static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16)};
+}
+template <> inline f16 narrow(float v) { return {__builtin_bit_cast(uint16_t, static_cast<_Float16>(v))}; }
 
 // tanh for float vectors, accurate to a few ulp: sign(x) (1 - e) / (1 + e) with e = exp(-2|x|),
 // and the odd Taylor series below |x| = 1/4, where 1 - e would cancel. NaN stays NaN (no
@@ -152,9 +234,9 @@ inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, const T* m, int64_t 
   int64_t k = 0;
   auto one = [&](int set, int64_t kk) {
     V col[NV];
-    for (int v = 0; v < NV; ++v) col[v] = load<V>(m + kk * H + j + v * W);
+    for (int v = 0; v < NV; ++v) col[v] = load(m + kk * H + j + v * W);
     for (int r = 0; r < R; ++r) {
-      const V p = V{} + a[r * H + kk];
+      const V p = V{} + widen(a[r * H + kk]);
       for (int v = 0; v < NV; ++v) acc[set][r][v] += p * col[v];
     }
   };
@@ -172,7 +254,7 @@ inline void tile(const Operands<T>& o, int64_t j) {
   V acc[S][R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
-      acc[0][r][v] = o.init ? load<V>(o.init + r * H + j + v * W) : V{};
+      acc[0][r][v] = o.init ? load(o.init + r * H + j + v * W) : V{};
       for (int set = 1; set < S; ++set) acc[set][r][v] = V{};
     }
   accumulate<T, R, NV, S>(acc, o.prev, o.m, H, j);
@@ -184,7 +266,7 @@ inline void tile(const Operands<T>& o, int64_t j) {
       if constexpr (E == Epilogue::kActivate) {
         out = act_vec(sum, o.relu);
       } else {
-        out = sum * dact_vec(load<V>(o.y + r * H + j + v * W), o.relu);
+        out = sum * dact_vec(load(o.y + r * H + j + v * W), o.relu);
       }
       store(o.dst + r * H + j + v * W, out);
     }
@@ -204,10 +286,11 @@ inline void rows(const Operands<T>& o) {
   for (; j + W <= H; j += W) tile<T, R, 1, S, E>(o, j);
   for (; j < H; ++j) {
     for (int r = 0; r < R; ++r) {
-      T acc = o.init ? o.init[r * H + j] : T(0);
-      for (int64_t k = 0; k < H; ++k) acc += o.prev[r * H + k] * o.m[k * H + j];
-      o.dst[r * H + j] =
-          E == Epilogue::kActivate ? act_scalar(acc, o.relu) : acc * dact_scalar(o.y[r * H + j], o.relu);
+      using C = compute_t<T>;
+      C acc = o.init ? widen(o.init[r * H + j]) : C(0);
+      for (int64_t k = 0; k < H; ++k) acc += widen(o.prev[r * H + k]) * widen(o.m[k * H + j]);
+      o.dst[r * H + j] = narrow<T>(E == Epilogue::kActivate ? act_scalar(acc, o.relu)
+                                                            : acc * dact_scalar(widen(o.y[r * H + j]), o.relu));
     }
   }
 }
@@ -275,13 +358,14 @@ void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, co
       const int64_t row = base + r * H;
       int64_t j = 0;
       for (; j + W <= H; j += W) {
-        V acc = g ? load<V>(g + r * H + j) : V{};
-        if (grad_h_n) acc += load<V>(grad_h_n + r * H + j);
-        store(dz + row + j, acc * dact_vec(load<V>(out + row + j), relu));
+        V acc = g ? load(g + r * H + j) : V{};
+        if (grad_h_n) acc += load(grad_h_n + r * H + j);
+        store(dz + row + j, acc * dact_vec(load(out + row + j), relu));
       }
       for (; j < H; ++j) {
-        T acc = (g ? g[r * H + j] : T(0)) + (grad_h_n ? grad_h_n[r * H + j] : T(0));
-        dz[row + j] = acc * dact_scalar(out[row + j], relu);
+        using C = compute_t<T>;
+        const C acc = (g ? widen(g[r * H + j]) : C(0)) + (grad_h_n ? widen(grad_h_n[r * H + j]) : C(0));
+        dz[row + j] = narrow<T>(acc * dact_scalar(widen(out[row + j]), relu));
       }
     }
   }
@@ -292,11 +376,11 @@ void project_univariate(T* out, const T* x, const T* w, const T* b, int64_t rows
   using V = vec<T>;
   constexpr int W = kLanes<T>;
   for (int64_t n = 0; n < rows; ++n) {
-    const V xn = V{} + x[n];
+    const V xn = V{} + widen(x[n]);
     T* o = out + n * hidden;
     int64_t j = 0;
-    for (; j + W <= hidden; j += W) store(o + j, (b ? load<V>(b + j) : V{}) + xn * load<V>(w + j));
-    for (; j < hidden; ++j) o[j] = (b ? b[j] : T(0)) + x[n] * w[j];
+    for (; j + W <= hidden; j += W) store(o + j, (b ? load(b + j) : V{}) + xn * load(w + j));
+    for (; j < hidden; ++j) o[j] = narrow<T>((b ? widen(b[j]) : compute_t<T>(0)) + widen(x[n]) * widen(w[j]));
   }
 }
 
@@ -304,8 +388,8 @@ template <typename T>
 void activate(T* y, int64_t n, bool relu) {
   using V = vec<T>;
   int64_t i = 0;
-  for (; i + kLanes<T> <= n; i += kLanes<T>) store(y + i, act_vec(load<V>(y + i), relu));
-  for (; i < n; ++i) y[i] = act_scalar(y[i], relu);
+  for (; i + kLanes<T> <= n; i += kLanes<T>) store(y + i, act_vec(load(y + i), relu));
+  for (; i < n; ++i) y[i] = narrow<T>(act_scalar(widen(y[i]), relu));
 }
 
 template <typename T>
@@ -313,20 +397,20 @@ void mul_dact(T* g, const T* y, int64_t n, bool relu) {
   using V = vec<T>;
   int64_t i = 0;
   for (; i + kLanes<T> <= n; i += kLanes<T>)
-    store(g + i, load<V>(g + i) * dact_vec(load<V>(y + i), relu));
-  for (; i < n; ++i) g[i] *= dact_scalar(y[i], relu);
+    store(g + i, load(g + i) * dact_vec(load(y + i), relu));
+  for (; i < n; ++i) g[i] = narrow<T>(widen(g[i]) * dact_scalar(widen(y[i]), relu));
 }
 
 // sum_k a[k] b[k], vectorized with one accumulator per lane.
 template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
+inline compute_t<T> dot(const T* a, const T* b, int64_t n) {
   using V = vec<T>;
   V acc{};
   int64_t k = 0;
-  for (; k + kLanes<T> <= n; k += kLanes<T>) acc += load<V>(a + k) * load<V>(b + k);
-  T sum = 0;
+  for (; k + kLanes<T> <= n; k += kLanes<T>) acc += load(a + k) * load(b + k);
+  compute_t<T> sum = 0;
   for (int i = 0; i < kLanes<T>; ++i) sum += acc[i];
-  for (; k < n; ++k) sum += a[k] * b[k];
+  for (; k < n; ++k) sum += widen(a[k]) * widen(b[k]);
   return sum;
 }
 
@@ -338,9 +422,9 @@ void cell(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, c
     const T* hb = h + b * hidden;
     T* yb = y + b * hidden;
     for (int64_t j = 0; j < hidden; ++j) {
-      T z = dot(xb, w_ih + j * input, input) + dot(hb, w_hh + j * hidden, hidden);
-      if (b_ih) z += b_ih[j] + b_hh[j];
-      yb[j] = z;
+      compute_t<T> z = dot(xb, w_ih + j * input, input) + dot(hb, w_hh + j * hidden, hidden);
+      if (b_ih) z += widen(b_ih[j]) + widen(b_hh[j]);
+      yb[j] = narrow<T>(z);
     }
     activate(yb, hidden, relu);
   }
@@ -358,8 +442,9 @@ constexpr Kernels<T> kernels_for() {
 #define MYRNN_STR(x) MYRNN_STR2(x)
 
 const KernelTable& MYRNN_CAT(kernels_, MYRNN_ISA)() {
-  static const KernelTable table{MYRNN_STR(MYRNN_ISA), MYRNN_ISA::kernels_for<float>(),
-                                 MYRNN_ISA::kernels_for<double>()};
+  static const KernelTable table{MYRNN_STR(MYRNN_ISA),          MYRNN_ISA::kernels_for<float>(),
+                                 MYRNN_ISA::kernels_for<double>(), MYRNN_ISA::kernels_for<bf16>(),
+                                 MYRNN_ISA::kernels_for<f16>(),    MYRNN_ISA::kConversions};
   return table;
 }
 

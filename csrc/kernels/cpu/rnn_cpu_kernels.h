@@ -11,6 +11,17 @@
 
 namespace myrnn_fast::cpu {
 
+// 16-bit storage types, as the kernels see them: the bits of a bfloat16 or an IEEE half value
+// (the layout of c10::BFloat16 and c10::Half). The kernels read them, compute in float and
+// round each stored value to nearest even; nothing is widened into a float32 copy first.
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+// T is the storage type of every buffer; float16 and bfloat16 accumulate in float registers.
 template <typename T>
 struct Kernels {
   // The forward recurrence h_t = act(p_t + h_{t-1} W_hh^T) of batch rows [r0, r1), every step.
@@ -60,6 +71,10 @@ struct KernelTable {
   const char* isa;
   Kernels<float> f32;
   Kernels<double> f64;
+  Kernels<bf16> b16;
+  Kernels<f16> h16;
+  // How this table converts 16-bit storage to float and back, for `myrnn-fast info`.
+  const char* conversions;
 };
 
 const KernelTable& kernels_baseline();

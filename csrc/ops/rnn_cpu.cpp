@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace myrnn_fast::cpu {
@@ -47,6 +48,10 @@ const std::vector<const KernelTable*>& supported_tables() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
       t.push_back(&kernels_avx512());
+#endif
+#if defined(MYRNN_HAVE_AVX512BF16) && (defined(__GNUC__) || defined(__clang__))
+    if (t.back()->isa == std::string_view("avx512") && __builtin_cpu_supports("avx512bf16"))
+      t.push_back(&kernels_avx512bf16());
 #endif
     return t;
   }();
@@ -72,6 +77,16 @@ template <> const Kernels<double>& kernels<double>() { return table().f64; }
 template <> const Kernels<bf16>& kernels<bf16>() { return table().b16; }
 template <> const Kernels<f16>& kernels<f16>() { return table().h16; }
 
+// The H x H matrix m (forward: W_hh^T, backward: W_hh) in the layout kernels `k` read: a
+// contiguous copy, interleaving rows k and k + 1 when they multiply pairs of k (Kernels::k_pairs).
+template <typename S>
+at::Tensor recurrent_matrix(const Kernels<S>& k, const at::Tensor& m) {
+  if (!k.k_pairs) return m.contiguous();
+  const int64_t H = m.size(0);
+  const at::Tensor even = H % 2 ? at::constant_pad_nd(m, {0, 0, 0, 1}) : m;
+  return even.reshape({(H + 1) / 2, 2, H}).transpose(1, 2).contiguous();
+}
+
 // A tensor's data as the kernels' storage type.
 template <typename T> storage_t<T>* ptr(const at::Tensor& t) { return reinterpret_cast<storage_t<T>*>(t.data_ptr<T>()); }
 template <typename T> const storage_t<T>* cptr(const at::Tensor& t) {
@@ -90,6 +105,27 @@ bool use_tiles(int64_t hidden, int64_t batch) {
       return hidden <= knobs::cpu_tiles_max_hidden.get() ||
              (batch > 1 && batch <= knobs::cpu_tiles_max_batch.get());
   }
+}
+
+// Whether ATen's CPU GEMM in this dtype is far below BLAS speed: oneDNN runs bfloat16 GEMMs on
+// AVX-512 (avx512_core) and float16 ones only with AVX512-FP16; elsewhere ATen falls back to a
+// plain loop, 10-40x slower than MKL's float32 GEMM. There the op's GEMMs take float32 copies of
+// their operands (in_float32), while the recurrence still reads and writes the 16-bit storage.
+bool slow_gemm(at::ScalarType dtype) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool bf16_slow = !(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                                  __builtin_cpu_supports("avx512dq"));
+  static const bool f16_slow = !__builtin_cpu_supports("avx512fp16");
+  return dtype == at::kBFloat16 ? bf16_slow : dtype == at::kHalf && f16_slow;
+#else
+  return false;
+#endif
+}
+
+// use_tiles, except that path auto never runs a slow 16-bit GEMM once per step.
+bool tiles_for(at::ScalarType dtype, int64_t hidden, int64_t batch) {
+  if (knobs::cpu_path.as<knobs::CpuPath>() == knobs::CpuPath::kAuto && slow_gemm(dtype)) return true;
+  return use_tiles(hidden, batch);
 }
 
 // fn(r0, r1) over [0, batch) rows, one even share per thread of ATen's pool when `work` (in
@@ -138,11 +174,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
       const auto wc = w_ih.expect_contiguous();
       k.project_univariate(ptr<scalar_t>(out), cptr<scalar_t>(*xc), cptr<scalar_t>(*wc),
                            bias ? cptr<scalar_t>(*bias) : nullptr, l.rows, H);
+    } else if (slow_gemm(x.scalar_type())) {
+      out = in_float32(input_projection, x.scalar_type(), rows, w_ih, bias);
     } else {
       out = input_projection(rows, w_ih, bias);
     }
-    if (use_tiles(H, l.batch)) {
-      const at::Tensor w_hh_t = w_hh.t().contiguous();
+    if (tiles_for(x.scalar_type(), H, l.batch)) {
+      const at::Tensor w_hh_t = recurrent_matrix(k, w_hh.t());
       const Sequence s = l.sequence();
       for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
         k.forward(s, ptr<scalar_t>(out), cptr<scalar_t>(h), cptr<scalar_t>(w_hh_t), ptr<scalar_t>(h_n), relu, r0, r1);
@@ -175,10 +213,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const auto& k = kernels<storage_t<scalar_t>>();
     const auto* go_p = go.defined() ? cptr<scalar_t>(go) : nullptr;
     const auto* ghn_p = ghn.defined() ? cptr<scalar_t>(ghn) : nullptr;
-    if (use_tiles(H, B)) {
+    if (tiles_for(x.scalar_type(), H, B)) {
       const Sequence s = l.sequence();
+      const at::Tensor m = recurrent_matrix(k, w);
       for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
-        k.backward(s, ptr<scalar_t>(dz), go_p, ghn_p, cptr<scalar_t>(y), cptr<scalar_t>(w), relu, r0, r1);
+        k.backward(s, ptr<scalar_t>(dz), go_p, ghn_p, cptr<scalar_t>(y), cptr<scalar_t>(m), relu, r0, r1);
       });
       return;
     }
@@ -188,6 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
       for_elements(g_t.numel(), [&](int64_t i0, int64_t i1) { k.mul_dact(g + i0, yp + i0, i1 - i0, relu); });
     });
   });
+  if (slow_gemm(x.scalar_type()))
+    return in_float32(layer_grads, x.scalar_type(), dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
   return layer_grads(dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
 }
 
@@ -216,7 +257,8 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
              b_ih ? cptr<scalar_t>(*bi) : nullptr, b_ih ? cptr<scalar_t>(*bh) : nullptr, ptr<scalar_t>(y), B, I, H, relu);
       return;
     }
-    y = cell_preactivation(x, h, w_ih, w_hh, b_ih, b_hh);
+    y = slow_gemm(x.scalar_type()) ? in_float32(cell_preactivation, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh)
+                                   : cell_preactivation(x, h, w_ih, w_hh, b_ih, b_hh);
     auto* p = ptr<scalar_t>(y);
     for_elements(B * H, [&](int64_t i0, int64_t i1) { k.activate(p + i0, i1 - i0, relu); });
   });

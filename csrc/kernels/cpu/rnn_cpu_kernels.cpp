@@ -20,6 +20,7 @@
 #endif
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifndef MYRNN_ISA
 #error "MYRNN_ISA must name the instruction set this file is compiled for"
@@ -61,9 +62,19 @@ template <typename S> using vec = typename Vec<S>::type;
 template <typename S> constexpr int kLanes = kBytes / sizeof(compute_t<S>);
 
 // What the 16-bit loads and stores above compile to here (for `myrnn-fast info`).
-#if defined(__F16C__) || defined(__AVX512F__)
+// With AVX512-BF16 the bfloat16 recurrence multiplies two k at a time: vdpbf16ps adds
+// a[k] m[k][j] + a[k+1] m[k+1][j] for 16 columns in one instruction, half the multiply-add
+// instructions of float32 and no widening. It takes the recurrent matrix with rows k and k+1
+// interleaved (Kernels::k_pairs).
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+constexpr bool kPairs = true;
+constexpr const char* kConversions =
+    "bfloat16: AVX512-BF16 (vdpbf16ps, vcvtneps2bf16); float16: F16C (vcvtph2ps, vcvtps2ph)";
+#elif defined(__F16C__) || defined(__AVX512F__)
+constexpr bool kPairs = false;
 constexpr const char* kConversions = "bfloat16: shift and integer rounding; float16: F16C (vcvtph2ps, vcvtps2ph)";
 #else
+constexpr bool kPairs = false;
 constexpr const char* kConversions = "bfloat16: shift and integer rounding; float16: software";
 #endif
 
@@ -102,6 +113,11 @@ template <> inline vfloat load(const f16* p) {
 
 template <typename S> inline void store(S* p, vec<S> v) { std::memcpy(p, &v, sizeof v); }
 template <> inline void store(bf16* p, vfloat v) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+  // vcvtneps2bf16 rounds to nearest even and keeps NaN a NaN.
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits_as<__m256i>(_mm512_cvtneps_pbh(bits_as<__m512>(v))));
+  return;
+#endif
   const vuint32 b = bits_as<vuint32>(v);
   const vuint32 rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
   // NaN must stay NaN: rounding could carry its payload into the exponent (or to Inf).
@@ -225,6 +241,12 @@ struct Operands {
   }
 };
 
+// Where m[k][j] is in the recurrent matrix's layout (see kPairs).
+template <typename T> constexpr int64_t m_index(int64_t k, int64_t j, int64_t H) {
+  if constexpr (std::is_same_v<T, bf16> && kPairs) return (k / 2) * 2 * H + 2 * j + (k & 1);
+  return k * H + j;
+}
+
 // acc[k % S][r][v] += a[r, k] * m[k, j + v W] over k < H: S independent sets of accumulators,
 // so that one row alone still has enough FMA chains in flight to hide their latency.
 template <typename T, int R, int NV, int S>
@@ -240,8 +262,56 @@ inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, const T* m, int64_t 
       for (int v = 0; v < NV; ++v) acc[set][r][v] += p * col[v];
     }
   };
-  for (; k + S <= H; k += S)
-    for (int set = 0; set < S; ++set) one(set, k + set);
+  if constexpr (std::is_same_v<T, bf16> && kPairs) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+    // m is [ceil(H/2)][H][2]: rows k and k+1 interleaved, a zero row after an odd H's last.
+    auto pairs = [&](int set, int64_t kk, const uint32_t* pair) {
+      __m512bh col[NV];
+      for (int v = 0; v < NV; ++v)
+        col[v] = bits_as<__m512bh>(_mm512_loadu_si512(m + kk * H + 2 * (j + v * W)));
+      for (int r = 0; r < R; ++r) {
+        const __m512bh both = bits_as<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair[r])));
+        for (int v = 0; v < NV; ++v)
+          acc[set][r][v] = bits_as<V>(_mm512_dpbf16_ps(bits_as<__m512>(acc[set][r][v]), both, col[v]));
+      }
+    };
+    uint32_t pair[R];
+    int set = 0;
+    for (; k + 2 <= H; k += 2, set = (set + 1) % S) {
+      for (int r = 0; r < R; ++r) std::memcpy(&pair[r], a + r * H + k, sizeof(uint32_t));
+      pairs(set, k, pair);
+    }
+    if (k < H) {  // an odd H's last k, paired with zero (a[r, H] is the next row, or past the end)
+      for (int r = 0; r < R; ++r) pair[r] = a[r * H + k].bits;
+      pairs(0, k, pair);
+    }
+    return;
+#endif
+  } else if constexpr (std::is_same_v<T, bf16>) {
+    // Two values of a per broadcast: one 32-bit load holds a[r, k] (low half) and a[r, k + 1],
+    // and each is then a shift or a mask away from its float. Widening a[r, k] alone would cost
+    // a scalar load, a shift and a broadcast per multiply-add row.
+    for (; k + 2 <= H; k += 2) {
+      V col0[NV], col1[NV];
+      for (int v = 0; v < NV; ++v) {
+        col0[v] = load(m + k * H + j + v * W);
+        col1[v] = load(m + (k + 1) * H + j + v * W);
+      }
+      for (int r = 0; r < R; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, a + r * H + k, sizeof pair);
+        const vuint32 both = vuint32{} + pair;
+        const V lo = bits_as<V>(both << 16), hi = bits_as<V>(both & 0xFFFF0000u);
+        for (int v = 0; v < NV; ++v) {
+          acc[0][r][v] += lo * col0[v];
+          acc[S - 1][r][v] += hi * col1[v];
+        }
+      }
+    }
+  } else {
+    for (; k + S <= H; k += S)
+      for (int set = 0; set < S; ++set) one(set, k + set);
+  }
   for (; k < H; ++k) one(0, k);
 }
 
@@ -288,7 +358,7 @@ inline void rows(const Operands<T>& o) {
     for (int r = 0; r < R; ++r) {
       using C = compute_t<T>;
       C acc = o.init ? widen(o.init[r * H + j]) : C(0);
-      for (int64_t k = 0; k < H; ++k) acc += widen(o.prev[r * H + k]) * widen(o.m[k * H + j]);
+      for (int64_t k = 0; k < H; ++k) acc += widen(o.prev[r * H + k]) * widen(o.m[m_index<T>(k, j, H)]);
       o.dst[r * H + j] = narrow<T>(E == Epilogue::kActivate ? act_scalar(acc, o.relu)
                                                             : acc * dact_scalar(widen(o.y[r * H + j]), o.relu));
     }
@@ -432,7 +502,8 @@ void cell(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, c
 
 template <typename T>
 constexpr Kernels<T> kernels_for() {
-  return {&forward<T>, &backward<T>, &project_univariate<T>, &activate<T>, &mul_dact<T>, &cell<T>};
+  return {&forward<T>, &backward<T>, &project_univariate<T>, &activate<T>, &mul_dact<T>, &cell<T>,
+          std::is_same_v<T, bf16> && kPairs};
 }
 
 }  // namespace

@@ -65,6 +65,10 @@ struct Kernels {
   //   y  [batch, hidden] out; must not alias x or h
   void (*cell)(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* y,
                int64_t batch, int64_t input, int64_t hidden, bool relu);
+  // The layout forward's w_hh_t and backward's w_hh take. false: row-major [H][H]. true: rows k and
+  // k + 1 interleaved, [ceil(H/2)][H][2] (element [k/2][j][k%2] is m[k][j]), with a zero row
+  // after the last when H is odd: what AVX512-BF16's pairwise multiply-add reads.
+  bool k_pairs;
 };
 
 struct KernelTable {
@@ -83,6 +87,9 @@ const KernelTable& kernels_avx2();
 #endif
 #ifdef MYRNN_HAVE_AVX512
 const KernelTable& kernels_avx512();
+#endif
+#ifdef MYRNN_HAVE_AVX512BF16
+const KernelTable& kernels_avx512bf16();
 #endif
 
 }  // namespace myrnn_fast::cpu

@@ -206,6 +206,28 @@ def test_cpp_kernels_in_16_bits_match_torch_on_every_isa(dtype, path, hidden):
             check_module(ref, ours, make_inputs, dtype)
 
 
+@pytest.mark.parametrize("dtype", REDUCED, ids=ids)
+@pytest.mark.parametrize("sizes", [(2, 1, 32), (3, 40, 37), (5, 70, 64)], ids=lambda s: "B{}-I{}-H{}".format(*s))
+def test_cpp_cell_in_16_bits_matches_torch_on_every_isa(dtype, sizes):
+    # The small-cell dot products: whole vectors (32 values with AVX512-BF16) and masked tails.
+    _cpp()
+    from myrnn_fast import _C, config
+
+    B, I, H = sizes
+    for isa in _C.cpu_isas():
+        with config.override(cpu_isa=isa):
+            ref, ours = cell_pair("cpp", I, H, dtype=dtype, seed=4)
+
+            def make_inputs():
+                x, hx = randn(B, I, dtype=dtype, seed=1), randn(B, H, dtype=dtype, seed=2)
+                return (x, hx), [x, hx]
+
+            check_module(ref, ours, make_inputs, dtype)
+            with torch.no_grad():  # the kernel without the dispatcher
+                x, hx = randn(B, I, dtype=dtype, seed=1, grad=False), randn(B, H, dtype=dtype, seed=2, grad=False)
+                torch.testing.assert_close(ours(x, hx), ref(x, hx), **TOLERANCES[dtype])
+
+
 def test_cpp_saves_activations_in_the_storage_dtype():
     # Under autocast the forward saves its bfloat16 tensors, not float32 copies: what halves
     # training memory against float32.

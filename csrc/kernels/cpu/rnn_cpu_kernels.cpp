@@ -474,6 +474,22 @@ void mul_dact(T* g, const T* y, int64_t n, bool relu) {
 // sum_k a[k] b[k], vectorized with one accumulator per lane.
 template <typename T>
 inline compute_t<T> dot(const T* a, const T* b, int64_t n) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, bf16>) {
+    // 32 products a call, straight from bfloat16 storage; the tail by masked loads (zeros).
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32)
+      acc = _mm512_dpbf16_ps(acc, bits_as<__m512bh>(_mm512_loadu_si512(a + k)),
+                             bits_as<__m512bh>(_mm512_loadu_si512(b + k)));
+    if (k < n) {
+      const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (n - k)) - 1);
+      acc = _mm512_dpbf16_ps(acc, bits_as<__m512bh>(_mm512_maskz_loadu_epi16(tail, a + k)),
+                             bits_as<__m512bh>(_mm512_maskz_loadu_epi16(tail, b + k)));
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
   using V = vec<T>;
   V acc{};
   int64_t k = 0;

@@ -266,3 +266,37 @@ def test_cpp_ops_cast_under_autocast_like_torchs_rnn_ops(dtype):
     assert all(t.grad.dtype == torch.float32 for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
     with autocast(dtype):  # float64 stays float64
         assert ops.rnn_forward(*layer_args(dtype=torch.float64))[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("route", ["compile", "export"])
+def test_cpp_under_autocast_compiles_and_exports_like_eager(route):
+    # torch.compile(fullgraph=True) and torch.export record the same casts and ops as eager.
+    _cpp()
+    _, rnn = rnn_pair("cpp", 3, 8, dtype=torch.float32)
+    _, cell = cell_pair("cpp", 3, 8, dtype=torch.float32)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.cell = rnn, cell
+
+        def forward(self, x):
+            with autocast(torch.bfloat16):
+                out, h_n = self.rnn(x)
+                return out, h_n, self.cell(x[0])
+
+    model = Model()
+    x = randn(5, 2, 3, dtype=torch.float32, seed=1, grad=False)
+    expected = model(x)
+    if route == "compile":
+        run = torch.compile(model, fullgraph=True, backend="aot_eager")
+    else:
+        run = torch.export.export(model, (x,)).module()
+    actual = run(x)
+    # Export records a cell step as ATen's composite cell (myrnn_fast.export), which rounds its
+    # pre-activation to bfloat16 before tanh: the cell then agrees to bfloat16's tolerance.
+    exact = dict(rtol=0, atol=0)
+    tolerances = [exact, exact, exact if route == "compile" else TOLERANCES[torch.bfloat16]]
+    for a, b, tol in zip(actual, expected, tolerances):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, **tol)

@@ -109,7 +109,7 @@ bool use_tiles(int64_t hidden, int64_t batch) {
 
 // Whether ATen's CPU GEMM in this dtype is far below BLAS speed: oneDNN runs bfloat16 GEMMs on
 // AVX-512 (avx512_core) and float16 ones only with AVX512-FP16; elsewhere ATen falls back to a
-// plain loop, 10-40x slower than MKL's float32 GEMM. There the op's GEMMs take float32 copies of
+// plain loop, an order of magnitude slower than the float32 BLAS GEMM. There the op's GEMMs take float32 copies of
 // their operands (in_float32), while the recurrence still reads and writes the 16-bit storage.
 bool slow_gemm(at::ScalarType dtype) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -245,8 +245,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
     const auto& k = kernels<storage_t<scalar_t>>();
     // Small enough that one pass of dot products beats three GEMM calls and their dispatch. The
     // AVX512-BF16 dot products do 32 multiply-adds an instruction, against a bfloat16 GEMM
-    // (oneDNN) with more overhead per call than float32's: they win up to some 8x further
-    // (1M multiply-adds: 20 us against 36 us on one AVX-512 core).
+    // (oneDNN) with more overhead per call than float32's, so they stay ahead several times further.
     const int64_t dot_max_work = knobs::cpu_parallel_min_work.get() * (k.k_pairs ? 8 : 1);
     if (B * H * (I + H) <= dot_max_work) {
       y = at::detail::empty_cpu({B, H}, x.scalar_type(), /*pin_memory=*/false);  // no dispatch

@@ -207,6 +207,25 @@ def test_cpp_kernels_in_16_bits_match_torch_on_every_isa(dtype, path, hidden):
 
 
 @pytest.mark.parametrize("dtype", REDUCED, ids=ids)
+def test_cpp_packed_16_bit_rows_split_over_threads_match_torch_on_every_isa(dtype):
+    # Packed lengths (rows ending at different steps) with the batch split between threads: each
+    # thread's rows start past row 0, where the kernels' per-row float state must line up.
+    _cpp()
+    from myrnn_fast import _C, config
+
+    lengths = torch.tensor([7, 7, 6, 4, 4, 3, 2, 1, 1])
+    for isa in _C.cpu_isas():
+        with config.override(cpu_isa=isa, cpu_path="tiles", cpu_parallel_min_work=0):
+            ref, ours = rnn_pair("cpp", 3, 21, dtype=dtype, seed=5, bidirectional=True)
+
+            def make_inputs():
+                x = randn(7, 9, 3, dtype=dtype, seed=1)
+                return (pack_padded_sequence(x, lengths),), [x]
+
+            check_module(ref, ours, make_inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=ids)
 @pytest.mark.parametrize("sizes", [(2, 1, 32), (3, 40, 37), (5, 70, 64)], ids=lambda s: "B{}-I{}-H{}".format(*s))
 def test_cpp_cell_in_16_bits_matches_torch_on_every_isa(dtype, sizes):
     # The small-cell dot products: whole vectors (32 values with AVX512-BF16) and masked tails.

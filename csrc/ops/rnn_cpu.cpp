@@ -77,11 +77,12 @@ template <> const Kernels<double>& kernels<double>() { return table().f64; }
 template <> const Kernels<bf16>& kernels<bf16>() { return table().b16; }
 template <> const Kernels<f16>& kernels<f16>() { return table().h16; }
 
-// The H x H matrix m (forward: W_hh^T, backward: W_hh) in the layout kernels `k` read: a
-// contiguous copy, interleaving rows k and k + 1 when they multiply pairs of k (Kernels::k_pairs).
+// The H x H matrix m (forward: W_hh^T, backward: W_hh) as kernels `k` read it (Kernels::matrix):
+// a contiguous copy in the storage type or in float32, or with rows k and k + 1 interleaved.
 template <typename S>
 at::Tensor recurrent_matrix(const Kernels<S>& k, const at::Tensor& m) {
-  if (!k.k_pairs) return m.contiguous();
+  if (k.matrix == Matrix::kStorage) return m.contiguous();
+  if (k.matrix == Matrix::kFloat) return m.to(at::kFloat, /*non_blocking=*/false, /*copy=*/false).contiguous();
   const int64_t H = m.size(0);
   const at::Tensor even = H % 2 ? at::constant_pad_nd(m, {0, 0, 0, 1}) : m;
   return even.reshape({(H + 1) / 2, 2, H}).transpose(1, 2).contiguous();
@@ -183,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
       const at::Tensor w_hh_t = recurrent_matrix(k, w_hh.t());
       const Sequence s = l.sequence();
       for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
-        k.forward(s, ptr<scalar_t>(out), cptr<scalar_t>(h), cptr<scalar_t>(w_hh_t), ptr<scalar_t>(h_n), relu, r0, r1);
+        k.forward(s, ptr<scalar_t>(out), cptr<scalar_t>(h), w_hh_t.const_data_ptr(), ptr<scalar_t>(h_n), relu, r0, r1);
       });
       return;
     }
@@ -217,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
       const Sequence s = l.sequence();
       const at::Tensor m = recurrent_matrix(k, w);
       for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
-        k.backward(s, ptr<scalar_t>(dz), go_p, ghn_p, cptr<scalar_t>(y), cptr<scalar_t>(m), relu, r0, r1);
+        k.backward(s, ptr<scalar_t>(dz), go_p, ghn_p, cptr<scalar_t>(y), m.const_data_ptr(), relu, r0, r1);
       });
       return;
     }
@@ -246,7 +247,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
     // Small enough that one pass of dot products beats three GEMM calls and their dispatch. The
     // AVX512-BF16 dot products do 32 multiply-adds an instruction, against a bfloat16 GEMM
     // (oneDNN) with more overhead per call than float32's, so they stay ahead several times further.
-    const int64_t dot_max_work = knobs::cpu_parallel_min_work.get() * (k.k_pairs ? 8 : 1);
+    const int64_t dot_max_work = knobs::cpu_parallel_min_work.get() * (k.matrix == Matrix::kBf16Pairs ? 8 : 1);
     if (B * H * (I + H) <= dot_max_work) {
       y = at::detail::empty_cpu({B, H}, x.scalar_type(), /*pin_memory=*/false);  // no dispatch
       const auto xc = x.expect_contiguous(), hc = h.expect_contiguous();

@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #ifndef MYRNN_ISA
 #error "MYRNN_ISA must name the instruction set this file is compiled for"
@@ -65,7 +67,7 @@ template <typename S> constexpr int kLanes = kBytes / sizeof(compute_t<S>);
 // With AVX512-BF16 the bfloat16 recurrence multiplies two k at a time: vdpbf16ps adds
 // a[k] m[k][j] + a[k+1] m[k+1][j] for 16 columns in one instruction, half the multiply-add
 // instructions of float32 and no widening. It takes the recurrent matrix with rows k and k+1
-// interleaved (Kernels::k_pairs).
+// interleaved (Matrix::kBf16Pairs).
 #if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
 constexpr bool kPairs = true;
 constexpr const char* kConversions =
@@ -215,18 +217,21 @@ template <typename T> inline T dact_scalar(T y, bool relu) {
 enum class Epilogue { kActivate, kMulDact };
 
 // What one step computes for a block of rows: dst = epilogue(init + prev M). Row pointers are
-// at the block's first row, with row stride H.
+// at the block's first row, with row stride H. T is the storage type of init, dst and y; A that
+// of prev and M that of m (see Layout below): T itself, except where float16/bfloat16 kernels
+// keep a float copy of the state and of m (kFloatScratch).
 //
 // The input projection x W_ih^T + b is not folded in here, although that would save a pass at
 // tiny input sizes: it is the same BLAS GEMM torch.nn runs, so overflowing products turn into
 // the same Inf and NaN as in torch.nn (an FMA chain would not round a product to Inf first).
-template <typename T>
+template <typename T, typename A = T, typename M = T>
 struct Operands {
   const T* init = nullptr;  // per-row start values, or null
-  const T* prev = nullptr;  // the rows' previous state (forward) or next dz (backward)
-  const T* m = nullptr;     // [H][H]
+  const A* prev = nullptr;  // the rows' previous state (forward) or next dz (backward)
+  const M* m = nullptr;     // [H][H], in the layout of m_index
   T* dst = nullptr;
-  const T* y = nullptr;  // the saved output, for the backward epilogue
+  float* dst_float = nullptr;  // with a float scratch: dst's values again, widened, for the next step
+  const T* y = nullptr;        // the saved output, for the backward epilogue
   int64_t H = 0;
   bool relu = false;
 
@@ -236,21 +241,34 @@ struct Operands {
     o.init = shift(init, H);
     o.prev = shift(prev, H);
     o.dst = shift(dst, H);
+    o.dst_float = shift(dst_float, H);
     o.y = shift(y, H);
     return o;
   }
 };
 
+// Without pairwise bfloat16 instructions, 16-bit kernels would widen every state value and
+// every weight they multiply, once per multiply-add row: more instructions than the products
+// themselves at small sizes. Instead they take m in float32 (from the per-call copy that
+// transposes W_hh anyway) and keep each row's state in a float scratch beside the 16-bit output:
+// the value rounded to the storage type, widened back, so the results are those of the 16-bit
+// state, at float32's instruction count.
+template <typename T>
+constexpr bool kFloatScratch = (std::is_same_v<T, bf16> && !kPairs) || std::is_same_v<T, f16>;
+
+// The type the kernels take the recurrent matrix m in.
+template <typename T> using matrix_t = std::conditional_t<kFloatScratch<T>, float, T>;
+
 // Where m[k][j] is in the recurrent matrix's layout (see kPairs).
-template <typename T> constexpr int64_t m_index(int64_t k, int64_t j, int64_t H) {
-  if constexpr (std::is_same_v<T, bf16> && kPairs) return (k / 2) * 2 * H + 2 * j + (k & 1);
+template <typename M> constexpr int64_t m_index(int64_t k, int64_t j, int64_t H) {
+  if constexpr (std::is_same_v<M, bf16> && kPairs) return (k / 2) * 2 * H + 2 * j + (k & 1);
   return k * H + j;
 }
 
 // acc[k % S][r][v] += a[r, k] * m[k, j + v W] over k < H: S independent sets of accumulators,
 // so that one row alone still has enough FMA chains in flight to hide their latency.
-template <typename T, int R, int NV, int S>
-inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, const T* m, int64_t H, int64_t j) {
+template <typename T, int R, int NV, int S, typename A, typename M>
+inline void accumulate(vec<T> (&acc)[S][R][NV], const A* a, const M* m, int64_t H, int64_t j) {
   using V = vec<T>;
   constexpr int W = kLanes<T>;
   int64_t k = 0;
@@ -262,7 +280,7 @@ inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, const T* m, int64_t 
       for (int v = 0; v < NV; ++v) acc[set][r][v] += p * col[v];
     }
   };
-  if constexpr (std::is_same_v<T, bf16> && kPairs) {
+  if constexpr (std::is_same_v<M, bf16> && kPairs) {
 #if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
     // m is [ceil(H/2)][H][2]: rows k and k+1 interleaved, a zero row after an odd H's last.
     auto pairs = [&](int set, int64_t kk, const uint32_t* pair) {
@@ -287,27 +305,6 @@ inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, const T* m, int64_t 
     }
     return;
 #endif
-  } else if constexpr (std::is_same_v<T, bf16>) {
-    // Two values of a per broadcast: one 32-bit load holds a[r, k] (low half) and a[r, k + 1],
-    // and each is then a shift or a mask away from its float. Widening a[r, k] alone would cost
-    // a scalar load, a shift and a broadcast per multiply-add row.
-    for (; k + 2 <= H; k += 2) {
-      V col0[NV], col1[NV];
-      for (int v = 0; v < NV; ++v) {
-        col0[v] = load(m + k * H + j + v * W);
-        col1[v] = load(m + (k + 1) * H + j + v * W);
-      }
-      for (int r = 0; r < R; ++r) {
-        uint32_t pair;
-        std::memcpy(&pair, a + r * H + k, sizeof pair);
-        const vuint32 both = vuint32{} + pair;
-        const V lo = bits_as<V>(both << 16), hi = bits_as<V>(both & 0xFFFF0000u);
-        for (int v = 0; v < NV; ++v) {
-          acc[0][r][v] += lo * col0[v];
-          acc[S - 1][r][v] += hi * col1[v];
-        }
-      }
-    }
   } else {
     for (; k + S <= H; k += S)
       for (int set = 0; set < S; ++set) one(set, k + set);
@@ -316,8 +313,8 @@ inline void accumulate(vec<T> (&acc)[S][R][NV], const T* a, const T* m, int64_t 
 }
 
 // R rows by NV vectors of columns from column j, accumulators in registers, then the epilogue.
-template <typename T, int R, int NV, int S, Epilogue E>
-inline void tile(const Operands<T>& o, int64_t j) {
+template <typename T, int R, int NV, int S, Epilogue E, typename A, typename M>
+inline void tile(const Operands<T, A, M>& o, int64_t j) {
   using V = vec<T>;
   constexpr int W = kLanes<T>;
   const int64_t H = o.H;
@@ -338,14 +335,16 @@ inline void tile(const Operands<T>& o, int64_t j) {
       } else {
         out = sum * dact_vec(load(o.y + r * H + j + v * W), o.relu);
       }
-      store(o.dst + r * H + j + v * W, out);
+      const int64_t at = r * H + j + v * W;
+      store(o.dst + at, out);
+      if constexpr (kFloatScratch<T>) store(o.dst_float + at, load(o.dst + at));
     }
 }
 
 // R rows over all H columns: wide register tiles, then narrower, then scalar columns. A single
 // row gets wider tiles and two accumulator sets: it has no other rows to fill the FMA pipes.
-template <typename T, int R, Epilogue E>
-inline void rows(const Operands<T>& o) {
+template <typename T, int R, Epilogue E, typename A, typename M>
+inline void rows(const Operands<T, A, M>& o) {
   constexpr int W = kLanes<T>;
   constexpr int S = R == 1 ? 2 : 1;
   const int64_t H = o.H;
@@ -358,52 +357,85 @@ inline void rows(const Operands<T>& o) {
     for (int r = 0; r < R; ++r) {
       using C = compute_t<T>;
       C acc = o.init ? widen(o.init[r * H + j]) : C(0);
-      for (int64_t k = 0; k < H; ++k) acc += widen(o.prev[r * H + k]) * widen(o.m[m_index<T>(k, j, H)]);
+      for (int64_t k = 0; k < H; ++k) acc += widen(o.prev[r * H + k]) * widen(o.m[m_index<M>(k, j, H)]);
       o.dst[r * H + j] = narrow<T>(E == Epilogue::kActivate ? act_scalar(acc, o.relu)
                                                             : acc * dact_scalar(widen(o.y[r * H + j]), o.relu));
+      if constexpr (kFloatScratch<T>) o.dst_float[r * H + j] = widen(o.dst[r * H + j]);
     }
   }
 }
 
 // Rows [r0, r1) of one step, in tiles of kRows rows and then one row at a time.
-template <typename T, Epilogue E>
-inline void step_rows(const Operands<T>& o, int64_t r0, int64_t r1) {
+template <typename T, Epilogue E, typename A, typename M>
+inline void step_rows(const Operands<T, A, M>& o, int64_t r0, int64_t r1) {
   int64_t r = r0;
   for (; r + kRows <= r1; r += kRows) rows<T, kRows, E>(o.at_row(r));
   for (; r < r1; ++r) rows<T, 1, E>(o.at_row(r));
 }
 
+// With kFloatScratch<T>, the float state of rows [0, r1): the previous step's and the current
+// one's, swapped after every step (indexed by absolute row, so rows [r0, r1) of both are used).
 template <typename T>
-void forward(const Sequence& s, T* out, const T* h0, const T* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1) {
+struct StateScratch {
+  using A = std::conditional_t<kFloatScratch<T>, float, T>;
+  std::vector<float> buffer;
+  float* prev = nullptr;
+  float* cur = nullptr;
+  StateScratch(int64_t rows, int64_t H) {
+    if constexpr (kFloatScratch<T>) {
+      buffer.resize(2 * rows * H);
+      prev = buffer.data();
+      cur = prev + rows * H;
+    }
+  }
+  void swap() { std::swap(prev, cur); }
+};
+
+template <typename T>
+void forward(const Sequence& s, T* out, const T* h0, const void* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1) {
+  using M = matrix_t<T>;
   const int64_t H = s.hidden;
-  Operands<T> o;
-  o.m = w_hh_t;
+  StateScratch<T> scratch(r1, H);
+  Operands<T, typename StateScratch<T>::A, M> o;
+  o.m = static_cast<const M*>(w_hh_t);
   o.H = H;
   o.relu = relu;
-  const T* prev = h0;
+  if constexpr (kFloatScratch<T>) {
+    for (int64_t i = r0 * H; i < r1 * H; ++i) scratch.prev[i] = widen(h0[i]);
+    o.prev = scratch.prev;
+  } else {
+    o.prev = h0;
+  }
   for (int64_t t = 0; t < s.seq_len; ++t) {
     const Step step = step_at(s, t);
     const int64_t active = std::min(r1, step.batch_size);
     if (active <= r0) break;  // batch sizes never grow again
     T* cur = out + step.offset * H;
-    o.prev = prev;
     o.dst = cur;
     o.init = cur;
+    o.dst_float = scratch.cur;
     step_rows<T, Epilogue::kActivate>(o, r0, active);
     // Rows whose sequence ends here: their state is final.
     const int64_t first_done = std::max(r0, std::min(active, step.next_batch_size));
     if (active > first_done)
       std::memcpy(h_n + first_done * H, cur + first_done * H, (active - first_done) * H * sizeof(T));
-    prev = cur;
+    if constexpr (kFloatScratch<T>) {
+      scratch.swap();
+      o.prev = scratch.prev;
+    } else {
+      o.prev = cur;
+    }
   }
 }
 
 template <typename T>
-void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const T* w_hh,
+void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const void* w_hh,
               bool relu, int64_t r0, int64_t r1) {
   using V = vec<T>;
+  using M = matrix_t<T>;
   constexpr int W = kLanes<T>;
   const int64_t H = s.hidden;
+  StateScratch<T> scratch(r1, H);
   for (int64_t t = s.seq_len - 1; t >= 0; --t) {
     const Step step = step_at(s, t);
     const int64_t active = std::min(r1, step.batch_size);
@@ -413,11 +445,15 @@ void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, co
     // Rows still running at t+1 receive dz_{t+1} W_hh ...
     const int64_t carried = std::max(r0, std::min(active, step.next_batch_size));
     if (carried > r0) {
-      Operands<T> o;
+      Operands<T, typename StateScratch<T>::A, M> o;
       o.init = g;
-      o.prev = dz + step_at(s, t + 1).offset * H;  // carried rows exist, so step t + 1 does
-      o.m = w_hh;
+      if constexpr (kFloatScratch<T>)
+        o.prev = scratch.prev;
+      else
+        o.prev = dz + step_at(s, t + 1).offset * H;  // carried rows exist, so step t + 1 does
+      o.m = static_cast<const M*>(w_hh);
       o.dst = dz + base;
+      o.dst_float = scratch.cur;
       o.y = out + base;
       o.H = H;
       o.relu = relu;
@@ -431,13 +467,16 @@ void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, co
         V acc = g ? load(g + r * H + j) : V{};
         if (grad_h_n) acc += load(grad_h_n + r * H + j);
         store(dz + row + j, acc * dact_vec(load(out + row + j), relu));
+        if constexpr (kFloatScratch<T>) store(scratch.cur + r * H + j, load(dz + row + j));
       }
       for (; j < H; ++j) {
         using C = compute_t<T>;
         const C acc = (g ? widen(g[r * H + j]) : C(0)) + (grad_h_n ? widen(grad_h_n[r * H + j]) : C(0));
         dz[row + j] = narrow<T>(acc * dact_scalar(widen(out[row + j]), relu));
+        if constexpr (kFloatScratch<T>) scratch.cur[r * H + j] = widen(dz[row + j]);
       }
     }
+    scratch.swap();
   }
 }
 
@@ -518,8 +557,10 @@ void cell(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, c
 
 template <typename T>
 constexpr Kernels<T> kernels_for() {
-  return {&forward<T>, &backward<T>, &project_univariate<T>, &activate<T>, &mul_dact<T>, &cell<T>,
-          std::is_same_v<T, bf16> && kPairs};
+  constexpr Matrix matrix = std::is_same_v<T, bf16> && kPairs ? Matrix::kBf16Pairs
+                            : kFloatScratch<T>                 ? Matrix::kFloat
+                                                               : Matrix::kStorage;
+  return {&forward<T>, &backward<T>, &project_univariate<T>, &activate<T>, &mul_dact<T>, &cell<T>, matrix};
 }
 
 }  // namespace

@@ -79,6 +79,8 @@ def _print_info(info: dict) -> None:
         print(f"  built against torch {ext['torch']} (C++11 ABI: {ext['cxx11_abi']}); CUDA: {ext['cuda']}")
         print(f"  thread pool: ATen {ext['parallel_backend']}, {ext['num_threads']} threads")
         print(f"  CPU kernels: {ext['cpu_isa']} (knob cpu_isa)")
+        if ext.get("cpu_conversions"):
+            print(f"  float16 / bfloat16 in those kernels: {ext['cpu_conversions']}")
         if ext["torch"] != torch.__version__.split("+")[0]:
             print(f"  WARNING: running under torch {torch.__version__}; rebuild with --no-build-isolation")
     else:

@@ -69,7 +69,7 @@ KNOBS: dict[str, Knob] = {
              choices=("auto", *BACKENDS)),
         Knob("cpu_isa", str, "auto", "cpp",
              "instruction set of the cpp CPU kernels: auto (the best this CPU has) or one it has",
-             choices=("auto", "baseline", "avx2", "avx512")),
+             choices=("auto", "baseline", "avx2", "avx512", "avx512bf16")),
         Knob("cpu_path", str, "auto", "cpp",
              "cpp CPU recurrence: tiles (register-tiled kernels), gemm (one BLAS GEMM a step), "
              "auto (measured per kind of call, or by cpu_tiles_max_hidden / cpu_tiles_max_batch "

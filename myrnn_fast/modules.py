@@ -55,6 +55,44 @@ def _check_devices(x: Tensor, hx: Tensor, params: list[Tensor]) -> None:
                 )
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs RNNs in on this device type, or None where it is off.
+
+    torch.nn's RNN ops are on autocast's lower-precision list. Their casts happen here, once for
+    every backend, and the backend then runs with autocast off: a backend needs no autocast logic
+    of its own, and the casts (differentiable ``.to``) give float32 parameters float32 gradients.
+    """
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return None
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _autocast_cast(t: Tensor | None, dtype: torch.dtype, device_type: str) -> Tensor | None:
+    # Autocast's own rule (cached_cast): floating tensors on its device, except float64.
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.device.type != device_type:
+        return t
+    return t.to(dtype)
+
+
+def _check_autocast_dtypes(weight: Tensor, *tensors: Tensor) -> None:
+    # What ATen's GEMM says when a float64 tensor, which autocast leaves alone, meets the others.
+    for t in tensors:
+        if t.dtype != weight.dtype:
+            raise RuntimeError(
+                f"mat1 and mat2 must have the same dtype, but got {_dtype_name(t.dtype)} and "
+                f"{_dtype_name(weight.dtype)}"
+            )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
+
+
 def _reverse_index(batch_sizes: Tensor) -> Tensor:
     """Permutation of packed rows that reverses every sequence within its own length.
 
@@ -266,6 +304,12 @@ class RNN(nn.Module):
             hx = hx.index_select(1, sorted_indices)
 
         weights = self._flat_weights
+        autocast = _autocast_dtype(x.device)
+        if autocast is not None:
+            kind = x.device.type
+            x, hx = _autocast_cast(x, autocast, kind), _autocast_cast(hx, autocast, kind)
+            weights = [_autocast_cast(w, autocast, kind) for w in weights]
+            _check_autocast_dtypes(weights[0], x, hx)
         self._check_forward_args(x, hx, batch, batch_sizes, weights)
         if not isinstance(self.bidirectional, bool):
             raise TypeError(
@@ -275,7 +319,11 @@ class RNN(nn.Module):
             x = x.transpose(0, 1)
 
         impl = registry.kernels(x.device, self.backend)
-        out, h_n = self._layers(impl, x, hx, batch_sizes, weights)
+        if autocast is None:
+            out, h_n = self._layers(impl, x, hx, batch_sizes, weights)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                out, h_n = self._layers(impl, x, hx, batch_sizes, weights)
 
         if packed:
             if unsorted_indices is not None:
@@ -393,7 +441,12 @@ class RNNCell(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        if hx is not None and isinstance(input, Tensor) and not torch.is_grad_enabled():
+        if (
+            hx is not None
+            and isinstance(input, Tensor)
+            and not torch.is_grad_enabled()
+            and _autocast_dtype(input.device) is None
+        ):
             # A step that records no graph costs a few microseconds; a backend whose cell_step
             # validates everything itself runs it before (instead of) our checks. Should it refuse
             # the input, the checked path below raises torch.nn's own exception for it.
@@ -421,18 +474,30 @@ class RNNCell(nn.Module):
             hx = hx.unsqueeze(0)
         if self.nonlinearity not in _MODES:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        self._check_forward_args(x, hx)
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        autocast = _autocast_dtype(x.device)
+        if autocast is not None:
+            kind = x.device.type
+            x, hx = _autocast_cast(x, autocast, kind), _autocast_cast(hx, autocast, kind)
+            weights = tuple(_autocast_cast(w, autocast, kind) for w in weights)
+            _check_autocast_dtypes(weights[0], x, hx)
+        self._check_forward_args(x, hx, weights[0])
 
         impl = registry.kernels(x.device, self.backend)
-        args = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.nonlinearity)
-        cell = getattr(impl, "cell", None)
-        if cell is not None:
-            h = cell(x, hx, *args)
+        if autocast is None:
+            h = self._step(impl, x, hx, weights)
         else:
-            h = impl.layer(x.unsqueeze(0), hx, *args)[1]
+            with torch.autocast(x.device.type, enabled=False):
+                h = self._step(impl, x, hx, weights)
         return h if batched else h.squeeze(0)
 
-    def _check_forward_args(self, x: Tensor, hx: Tensor) -> None:
+    def _step(self, impl, x: Tensor, hx: Tensor, weights) -> Tensor:
+        cell = getattr(impl, "cell", None)
+        if cell is not None:
+            return cell(x, hx, *weights, self.nonlinearity)
+        return impl.layer(x.unsqueeze(0), hx, *weights, self.nonlinearity)[1]
+
+    def _check_forward_args(self, x: Tensor, hx: Tensor, w: Tensor) -> None:
         # ATen's rnn_*_cell checks, in its order and words, then what ATen leaves to its GEMM.
         if x.size(1) != self.input_size:
             raise RuntimeError(
@@ -450,7 +515,6 @@ class RNNCell(nn.Module):
             raise RuntimeError(f"hidden0 must be 2-D for batched input, got {hx.dim()}-D")
         # One weight stands for all: a module's parameters share dtype and device unless the
         # user splits them, and then the kernels' own checks raise.
-        w = self.weight_ih
         for t, name in ((x, "input"), (hx, "hidden")):
             if t.device != w.device:
                 raise RuntimeError(

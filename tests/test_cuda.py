@@ -366,3 +366,66 @@ def test_forced_persistent_paths_refuse_what_does_not_fit(forced, H, message):
     args = _layer_args(H=H, dtype=torch.float64)
     with config.override(cuda_path=forced), pytest.raises(RuntimeError, match=message):
         ops.rnn_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+
+
+# ---- autocast and GradScaler ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("module", ["RNN", "RNNCell"])
+def test_cuda_autocast_matches_torch(dtype, module):
+    # The same casts as torch.nn's RNN ops on autocast's CUDA list: outputs in the autocast dtype,
+    # float32 parameters with float32 gradients, values within the dtype's tolerance of cuDNN's.
+    from parity import TOLERANCES
+
+    pair = rnn_pair if module == "RNN" else cell_pair
+    args = (I, 6, 2) if module == "RNN" else (I, 6)
+    ref, ours = pair("cpp", *args, dtype=torch.float32, device=CUDA)
+
+    def make_inputs():
+        x = randn(*((5,) if module == "RNN" else ()), 4, I, dtype=torch.float32, seed=1, device=CUDA)
+        return (x,), [x]
+
+    def call(m, inputs):
+        with torch.autocast("cuda", dtype=dtype):
+            return m(*inputs)
+
+    outputs = check_module(ref, ours, make_inputs, dtype, call=call)
+    assert all(t.dtype == dtype for t in outputs)
+    with torch.autocast("cuda", dtype=dtype):  # the op itself, reached without the module
+        out, h_n = ops.rnn_forward(*layer_args(dtype=torch.float32, device=CUDA))
+    assert out.dtype == h_n.dtype == dtype
+
+
+def test_cuda_gradscaler_training_loop_follows_torch():
+    # A float16 autocast training loop with GradScaler: the same losses and parameters as the
+    # same loop around torch.nn.RNN, within float16's tolerance.
+    from parity import TOLERANCES
+
+    torch.manual_seed(0)
+    ref, ours = rnn_pair("cpp", I, 16, dtype=torch.float32, device=CUDA)
+    heads = [torch.nn.Linear(16, 1, device=CUDA) for _ in range(2)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    x = randn(20, 8, I, dtype=torch.float32, grad=False, device=CUDA)
+    target = randn(20, 8, 1, dtype=torch.float32, seed=3, grad=False, device=CUDA)
+    losses = []
+    for model, head in zip((ref, ours), heads):
+        params = [*model.parameters(), *head.parameters()]
+        opt = torch.optim.SGD(params, lr=0.05)
+        scaler = torch.amp.GradScaler("cuda")
+        trace = []
+        for _ in range(5):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                out, _ = model(x)
+                loss = torch.nn.functional.mse_loss(head(out).float(), target)
+            scaler.scale(loss).backward()
+            assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+            scaler.step(opt)
+            scaler.update()
+            trace.append(loss.item())
+        losses.append(trace)
+    assert losses[1][-1] < losses[1][0]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), **TOLERANCES[torch.float16])
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **TOLERANCES[torch.float16], msg=lambda m: f"{name}: {m}")

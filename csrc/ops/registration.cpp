@@ -55,7 +55,8 @@ std::string build_info() {
     << ", \"cuda\": " << (kWithCuda ? "true" : "false")
     << ", \"parallel_backend\": \"" << parallel_backend() << "\""
     << ", \"num_threads\": " << at::get_num_threads()
-    << ", \"cpu_isa\": \"" << cpu::isa_in_use() << "\"}";
+    << ", \"cpu_isa\": \"" << cpu::isa_in_use() << "\""
+    << ", \"cpu_conversions\": \"" << cpu::conversions_in_use() << "\"}";
   return s.str();
 }
 

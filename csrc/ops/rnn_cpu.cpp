@@ -27,8 +27,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <chrono>
 #include <string>
+#include <chrono>
+#include <string_view>
 #include <vector>
 
 namespace myrnn_fast::cpu {
@@ -45,12 +46,17 @@ const std::vector<const KernelTable*>& supported_tables() {
     __builtin_cpu_init();  // this may run before the constructors that would do it
 #endif
 #if defined(MYRNN_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) t.push_back(&kernels_avx2());
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      t.push_back(&kernels_avx2());
 #endif
 #if defined(MYRNN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
       t.push_back(&kernels_avx512());
+#endif
+#if defined(MYRNN_HAVE_AVX512BF16) && (defined(__GNUC__) || defined(__clang__))
+    if (t.back()->isa == std::string_view("avx512") && __builtin_cpu_supports("avx512bf16"))
+      t.push_back(&kernels_avx512bf16());
 #endif
     return t;
   }();
@@ -64,9 +70,53 @@ const KernelTable& table() {
   return choice == 0 ? *tables.back() : *tables[choice - 1];
 }
 
-template <typename T> const Kernels<T>& kernels();
+// ATen's scalar type -> the kernels' storage type (same size and bits).
+template <typename T> struct Storage { using type = T; };
+template <> struct Storage<at::BFloat16> { using type = bf16; };
+template <> struct Storage<at::Half> { using type = f16; };
+template <typename T> using storage_t = typename Storage<T>::type;
+
+template <typename S> const Kernels<S>& kernels();
 template <> const Kernels<float>& kernels<float>() { return table().f32; }
 template <> const Kernels<double>& kernels<double>() { return table().f64; }
+template <> const Kernels<bf16>& kernels<bf16>() { return table().b16; }
+template <> const Kernels<f16>& kernels<f16>() { return table().h16; }
+
+// The H x H matrix m (forward: W_hh^T, backward: W_hh) as kernels `k` read it (Kernels::matrix):
+// a contiguous copy in the storage type or in float32, or with rows k and k + 1 interleaved.
+template <typename S>
+at::Tensor recurrent_matrix(const Kernels<S>& k, const at::Tensor& m) {
+  if (k.matrix == Matrix::kStorage) return m.contiguous();
+  if (k.matrix == Matrix::kFloat) return m.to(at::kFloat, /*non_blocking=*/false, /*copy=*/false).contiguous();
+  const int64_t H = m.size(0);
+  const at::Tensor even = H % 2 ? at::constant_pad_nd(m, {0, 0, 0, 1}) : m;
+  return even.reshape({(H + 1) / 2, 2, H}).transpose(1, 2).contiguous();
+}
+
+// A tensor's data as the kernels' storage type.
+template <typename T> storage_t<T>* ptr(const at::Tensor& t) { return reinterpret_cast<storage_t<T>*>(t.data_ptr<T>()); }
+template <typename T> const storage_t<T>* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const storage_t<T>*>(t.const_data_ptr<T>());
+}
+
+// float32, float64, and float16 / bfloat16 read and written as they are, computed in float.
+#define MYRNN_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// Whether ATen's CPU GEMM in this dtype is far below BLAS speed: oneDNN runs bfloat16 GEMMs on
+// AVX-512 (avx512_core) and float16 ones only with AVX512-FP16; elsewhere ATen falls back to a
+// plain loop, an order of magnitude slower than the float32 BLAS GEMM. There the op's GEMMs take float32 copies of
+// their operands (in_float32), while the recurrence still reads and writes the 16-bit storage.
+bool slow_gemm(at::ScalarType dtype) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool bf16_slow = !(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                                  __builtin_cpu_supports("avx512dq"));
+  static const bool f16_slow = !__builtin_cpu_supports("avx512fp16");
+  return dtype == at::kBFloat16 ? bf16_slow : dtype == at::kHalf && f16_slow;
+#else
+  return false;
+#endif
+}
 
 // The thresholds' choice: what "auto" runs with autotuning off.
 bool static_tiles(int64_t hidden, int64_t batch) {
@@ -97,6 +147,8 @@ PathChoice choose_path(const Layout& l, at::ScalarType dtype, bool backward) {
     case knobs::CpuPath::kGemm: return {Path::kGemm, {}};
     default: break;
   }
+  // Path auto never runs a slow 16-bit GEMM once per step: nothing to measure there.
+  if (slow_gemm(dtype)) return {Path::kTiles, {}};
   const Path fixed = static_tiles(l.hidden, l.batch) ? Path::kTiles : Path::kGemm;
   if (!knobs::cpu_autotune.get() || l.seq_len == 0) return {fixed, {}};
   autotune::Key key{l.hidden, autotune::batch_bucket(l.batch), dtype_name(dtype), at::get_num_threads(),
@@ -140,8 +192,6 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
                                                c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
   const Layout l = layer_layout(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes);
-  if (is_reduced(x))
-    return in_float32(rnn_forward, x.scalar_type(), x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, nonlinearity);
   const int64_t H = l.hidden;
   const at::Tensor rows = x.reshape({l.rows, l.input});
   const std::optional<at::Tensor> bias = summed_bias(b_ih, b_hh);
@@ -150,31 +200,32 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   at::Tensor h_n = at::empty_like(h);
   if (l.seq_len == 0) h_n.copy_(h);
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
-    const Kernels<scalar_t>& k = kernels<scalar_t>();
+  MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
+    const auto& k = kernels<storage_t<scalar_t>>();
     // The input projection of every step at once; the recurrence then updates it in place.
     if (l.input == 1) {
       out = at::empty({l.rows, H}, x.options());
       const auto xc = rows.expect_contiguous();
       const auto wc = w_ih.expect_contiguous();
-      k.project_univariate(out.data_ptr<scalar_t>(), xc->const_data_ptr<scalar_t>(), wc->const_data_ptr<scalar_t>(),
-                           bias ? bias->const_data_ptr<scalar_t>() : nullptr, l.rows, H);
+      k.project_univariate(ptr<scalar_t>(out), cptr<scalar_t>(*xc), cptr<scalar_t>(*wc),
+                           bias ? cptr<scalar_t>(*bias) : nullptr, l.rows, H);
+    } else if (slow_gemm(x.scalar_type())) {
+      out = in_float32(input_projection, x.scalar_type(), rows, w_ih, bias);
     } else {
       out = input_projection(rows, w_ih, bias);
     }
     // The recurrence over the projections in `o`, in place, by one path; final states into `hn`.
     const auto recur = [&](autotune::Path path, const at::Tensor& o, const at::Tensor& hn) {
       if (path == autotune::Path::kTiles) {
-        const at::Tensor w_hh_t = w_hh.t().contiguous();
+        const at::Tensor w_hh_t = recurrent_matrix(k, w_hh.t());
         const Sequence s = l.sequence();
         for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
-          k.forward(s, o.data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
-                    hn.data_ptr<scalar_t>(), relu, r0, r1);
+          k.forward(s, ptr<scalar_t>(o), cptr<scalar_t>(h), w_hh_t.const_data_ptr(), ptr<scalar_t>(hn), relu, r0, r1);
         });
         return;
       }
       gemm_forward(o, h, w_hh, hn, l, [&](const at::Tensor& cur) {
-        scalar_t* y = cur.data_ptr<scalar_t>();
+        auto* y = ptr<scalar_t>(cur);
         for_elements(cur.numel(), [&](int64_t i0, int64_t i1) { k.activate(y + i0, i1 - i0, relu); });
       });
     };
@@ -204,30 +255,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const Layout l = layer_layout(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, batch_sizes);
   const int64_t H = l.hidden, B = l.batch, N = l.rows;
   const auto [go, ghn] = incoming_grads(grad_out, grad_h_n, x, out, l);
-  if (is_reduced(x))
-    return in_float32(rnn_backward, x.scalar_type(), grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes,
-                      nonlinearity, need_grad_x);
   const at::Tensor y = out.reshape({N, H}).contiguous();
   const at::Tensor w = w_hh.contiguous();
   at::Tensor dz = at::empty({N, H}, y.options());
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_backward", [&] {
-    const Kernels<scalar_t>& k = kernels<scalar_t>();
-    const scalar_t* go_p = go.defined() ? go.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* ghn_p = ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr;
+  MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_backward", [&] {
+    const auto& k = kernels<storage_t<scalar_t>>();
+    const auto* go_p = go.defined() ? cptr<scalar_t>(go) : nullptr;
+    const auto* ghn_p = ghn.defined() ? cptr<scalar_t>(ghn) : nullptr;
     // The reverse recurrence into `d` (every element written) by one path.
     const auto recur = [&](autotune::Path path, const at::Tensor& d) {
       if (path == autotune::Path::kTiles) {
         const Sequence s = l.sequence();
+        const at::Tensor m = recurrent_matrix(k, w);
         for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
-          k.backward(s, d.data_ptr<scalar_t>(), go_p, ghn_p, y.const_data_ptr<scalar_t>(),
-                     w.const_data_ptr<scalar_t>(), relu, r0, r1);
+          k.backward(s, ptr<scalar_t>(d), go_p, ghn_p, cptr<scalar_t>(y), m.const_data_ptr(), relu, r0, r1);
         });
         return;
       }
       gemm_backward(d, go, ghn, y, w, l, [&](const at::Tensor& g_t, const at::Tensor& y_t) {
-        scalar_t* g = g_t.data_ptr<scalar_t>();
-        const scalar_t* yp = y_t.const_data_ptr<scalar_t>();
+        auto* g = ptr<scalar_t>(g_t);
+        const auto* yp = cptr<scalar_t>(y_t);
         for_elements(g_t.numel(), [&](int64_t i0, int64_t i1) { k.mul_dact(g + i0, yp + i0, i1 - i0, relu); });
       });
     };
@@ -241,6 +289,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     });
     dz = dzs[static_cast<int>(winner)];
   });
+  if (slow_gemm(x.scalar_type()))
+    return in_float32(layer_grads, x.scalar_type(), dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
   return layer_grads(dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
 }
 
@@ -251,13 +301,15 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
                     c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
   const Layout l = cell_shape(x, h, w_ih, w_hh, b_ih, b_hh);
-  if (is_reduced(x)) return in_float32(rnn_cell, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
   const int64_t B = l.batch, I = l.input, H = l.hidden;
   at::Tensor y;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "myrnn_fast::rnn_cell", [&] {
-    const Kernels<scalar_t>& k = kernels<scalar_t>();
-    if (B * H * (I + H) <= knobs::cpu_parallel_min_work.get()) {
-      // Small enough that one pass of dot products beats three GEMM calls and their dispatch.
+  MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_cell", [&] {
+    const auto& k = kernels<storage_t<scalar_t>>();
+    // Small enough that one pass of dot products beats three GEMM calls and their dispatch. The
+    // AVX512-BF16 dot products do 32 multiply-adds an instruction, against a bfloat16 GEMM
+    // (oneDNN) with more overhead per call than float32's, so they stay ahead several times further.
+    const int64_t dot_max_work = knobs::cpu_parallel_min_work.get() * (k.matrix == Matrix::kBf16Pairs ? 8 : 1);
+    if (B * H * (I + H) <= dot_max_work) {
       y = at::detail::empty_cpu({B, H}, x.scalar_type(), /*pin_memory=*/false);  // no dispatch
       const auto xc = x.expect_contiguous(), hc = h.expect_contiguous();
       const auto wi = w_ih.expect_contiguous(), wh = w_hh.expect_contiguous();
@@ -266,13 +318,13 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
         bi = b_ih->expect_contiguous();
         bh = b_hh->expect_contiguous();
       }
-      k.cell(xc->const_data_ptr<scalar_t>(), hc->const_data_ptr<scalar_t>(), wi->const_data_ptr<scalar_t>(),
-             wh->const_data_ptr<scalar_t>(), b_ih ? bi->const_data_ptr<scalar_t>() : nullptr,
-             b_ih ? bh->const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), B, I, H, relu);
+      k.cell(cptr<scalar_t>(*xc), cptr<scalar_t>(*hc), cptr<scalar_t>(*wi), cptr<scalar_t>(*wh),
+             b_ih ? cptr<scalar_t>(*bi) : nullptr, b_ih ? cptr<scalar_t>(*bh) : nullptr, ptr<scalar_t>(y), B, I, H, relu);
       return;
     }
-    y = cell_preactivation(x, h, w_ih, w_hh, b_ih, b_hh);
-    scalar_t* p = y.data_ptr<scalar_t>();
+    y = slow_gemm(x.scalar_type()) ? in_float32(cell_preactivation, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh)
+                                   : cell_preactivation(x, h, w_ih, w_hh, b_ih, b_hh);
+    auto* p = ptr<scalar_t>(y);
     for_elements(B * H, [&](int64_t i0, int64_t i1) { k.activate(p + i0, i1 - i0, relu); });
   });
   return y;
@@ -287,6 +339,8 @@ std::vector<std::string> cpu_isas() {
 }
 
 std::string isa_in_use() { return table().isa; }
+
+std::string conversions_in_use() { return table().conversions; }
 
 }  // namespace myrnn_fast::cpu
 

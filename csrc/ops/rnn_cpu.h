@@ -26,5 +26,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
 std::vector<std::string> cpu_isas();
 // The one whose kernels run now (knob cpu_isa, with "auto" resolved).
 std::string isa_in_use();
+// How those kernels convert float16 / bfloat16 storage to float and back.
+std::string conversions_in_use();
 
 }  // namespace myrnn_fast::cpu

@@ -15,8 +15,9 @@
 
 namespace myrnn_fast {
 
-// float16 / bfloat16 run in float32 (as torch's GEMMs accumulate them) and round once at the
-// end; the kernels are written for float and double.
+// The CUDA ops run float16 / bfloat16 in float32 (as torch's GEMMs accumulate them) and round
+// once at the end: their device kernels are written for float and double. (The CPU kernels read
+// and write 16-bit storage themselves.)
 inline bool is_reduced(const at::Tensor& x) {
   return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
 }

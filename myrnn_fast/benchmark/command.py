@@ -12,7 +12,7 @@ from . import report as report_
 from . import peers as peers_
 from . import runner, workloads
 
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def _backend_list(text: str) -> list[str]:
@@ -75,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"also time what a user might use instead, checked against torch.nn first: "
                              f"{', '.join(peers_.PEERS)} (or {', '.join(peers_.ALIASES)}); needs "
                              f"pip install 'myrnn_fast[peers]', a peer not installed is skipped with the reason")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="bfloat16 / float16 also time each backend in float32 (columns '<backend> (float32)'): "
+                             "what the reduced precision gains")
     parser.add_argument("--out", metavar="DIR", help="write report.md, report.json and speedup.png here")
     parser.add_argument("--shapes", type=_shape, nargs="+", metavar="T,B,I,H", help="replace the preset's shapes")
     parser.add_argument("--passes", type=_pass_list, metavar="P,Q",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -93,6 +94,16 @@ def load_average() -> list[float] | None:
         return None
 
 
+def _cpp_kernels() -> dict:
+    """The cpp backend's CPU kernels: instruction set, and how they convert float16 / bfloat16."""
+    try:
+        from .. import _C
+    except ImportError:
+        return {}
+    ext = json.loads(_C.build_info())
+    return {"cpp_cpu_isa": ext["cpu_isa"], "cpp_conversions": ext.get("cpu_conversions")}
+
+
 def machine_info(device="cpu") -> dict:
     cpus = _cpuinfo()
     return {
@@ -110,6 +121,7 @@ def machine_info(device="cpu") -> dict:
         "numba": _version("numba"),
         "numpy": _version("numpy"),
         "mkl": torch.backends.mkl.is_available(),
+        **_cpp_kernels(),
         "load_average_before": load_average(),
         **_gpu(torch.device(device)),
     }
@@ -124,6 +136,8 @@ def describe(machine: dict) -> str:
     )
     if machine.get("numba"):
         text += f", numba {machine['numba']}"
+    if machine.get("cpp_cpu_isa"):
+        text += f"; cpp CPU kernels {machine['cpp_cpu_isa']} ({machine.get('cpp_conversions')})"
     if machine.get("gpu"):
         text += (
             f"; GPU {machine['gpu']} (driver {machine.get('gpu_driver') or 'unknown'}, "

@@ -148,11 +148,12 @@ def run(
             else:
                 skipped.append({"backend": REFERENCE, "shape": _shape_dict(shape), "pass": pass_, "reason": reason})
     fast = [name for name in chosen if name != REFERENCE]
+    twins = [workloads.float32_twin(name) for name in fast] if dtype in workloads.REDUCED_DTYPES else []
     total = len(groups) + len(reference_groups)
 
     results, baseline_s = [], {}
     for index, (shape, pass_) in enumerate(groups, 1):
-        impls = [workloads.baseline(pass_), *fast]
+        impls = [workloads.baseline(pass_), *fast, *twins]
         fns = {impl: workloads.workload(impl, shape, pass_, device, dtype) for impl in impls}
         checked = _build_peers(peer_names, shape, pass_, device, dtype, skipped, say)
         fns.update({name: peer.fn for name, peer in checked.items()})
@@ -164,7 +165,8 @@ def run(
         baseline_s[shape, pass_] = timings[impls[0]].median
         floor_s = timings[FLOOR].median if FLOOR in timings else None
         rows = [
-            _row(impl, shape, pass_, timings[impl], baseline_s[shape, pass_], peak, "interleaved", device, dtype)
+            _row(impl, shape, pass_, timings[impl], baseline_s[shape, pass_], peak, "interleaved", device,
+                 workloads.impl_dtype(impl, dtype)[1])
             for impl in [*impls, *checked]
         ]
         for row in rows:
@@ -187,7 +189,7 @@ def run(
         results.append(row)
         say(_progress_line(index, total, shape, pass_, [row], started))
 
-    order = {name: i for i, name in enumerate(["torch.nn.RNN", "torch.nn.RNNCell", *chosen, *peer_names])}
+    order = {name: i for i, name in enumerate(["torch.nn.RNN", "torch.nn.RNNCell", *chosen, *twins, *peer_names])}
     position = {group: i for i, group in enumerate(groups)}
     results.sort(key=lambda r: (position[tuple(r["shape"].values()), r["pass"]], order[r["backend"]]))
     info["load_average_after"] = machine.load_average()
@@ -197,7 +199,7 @@ def run(
             "preset": preset,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
-            "backends": chosen,
+            "backends": chosen + twins,
             "peers": peer_names,
             "shapes": [_shape_dict(s) for s in grid.shapes],
             "passes": list(grid.passes),

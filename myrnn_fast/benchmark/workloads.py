@@ -53,6 +53,22 @@ PRESETS = {
 }
 
 PASSES = ("fwd", "fwd+bwd", "cell")
+
+# In these dtypes a benchmark also times each backend in float32, beside torch.nn and itself in
+# the reduced dtype: does the reduced precision pay? Those columns are "<backend> (float32)".
+REDUCED_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT32 = " (float32)"
+
+
+def float32_twin(backend: str) -> str:
+    return backend + _FLOAT32
+
+
+def impl_dtype(impl: str, dtype: torch.dtype) -> tuple[str, torch.dtype]:
+    """The backend an implementation name runs and its dtype: float32 for a float32 twin."""
+    if impl.endswith(_FLOAT32):
+        return impl.removesuffix(_FLOAT32), torch.float32
+    return impl, dtype
 BASELINES = {"fwd": "torch.nn.RNN", "fwd+bwd": "torch.nn.RNN", "cell": "torch.nn.RNNCell"}
 
 # The reference loop runs Python per row per step: past this many row-steps a call takes seconds.
@@ -126,6 +142,7 @@ def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, se
     """
     if pass_ not in PASSES:
         raise ValueError(f"unknown pass {pass_!r}; valid passes are: {', '.join(PASSES)}")
+    impl, dtype = impl_dtype(impl, dtype)
     T, B, I, H = shape
     device = torch.device(device)
     sync = _synchronizer(device)

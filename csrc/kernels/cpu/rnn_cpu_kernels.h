@@ -11,6 +11,25 @@
 
 namespace myrnn_fast::cpu {
 
+// 16-bit storage types, as the kernels see them: the bits of a bfloat16 or an IEEE half value
+// (the layout of c10::BFloat16 and c10::Half). The kernels read them, compute in float and
+// round each stored value to nearest even; nothing is widened into a float32 copy first.
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+// The recurrent matrix m (forward: W_hh^T, backward: W_hh) as a kernel table takes it:
+//   kStorage    row-major [H][H] in the storage type T
+//   kFloat      row-major [H][H] in float32 (16-bit kernels without pairwise instructions)
+//   kBf16Pairs  bfloat16 with rows k and k + 1 interleaved, [ceil(H/2)][H][2] (element
+//               [k/2][j][k%2] is m[k][j]), a zero row after the last when H is odd: what
+//               AVX512-BF16's pairwise multiply-add reads
+enum class Matrix { kStorage, kFloat, kBf16Pairs };
+
+// T is the storage type of every buffer but m; float16 and bfloat16 accumulate in float registers.
 template <typename T>
 struct Kernels {
   // The forward recurrence h_t = act(p_t + h_{t-1} W_hh^T) of batch rows [r0, r1), every step.
@@ -18,11 +37,11 @@ struct Kernels {
   //   out     [N, H] in: the input projections p = x W_ih^T + b; out: h_t. Read and overwritten
   //           in place: step t reads step t-1's rows of `out` after they were written
   //   h0      [B, H] the initial state
-  //   w_hh_t  [H, H] W_hh transposed ([k][j] = W_hh[j][k])
+  //   w_hh_t  [H, H] W_hh transposed ([k][j] = W_hh[j][k]), typed and laid out as `matrix` says
   //   h_n     [B, H] out: each row's state after its last step; must not alias out or h0
   //   relu    act = relu if true, else tanh
   //   r0, r1  the rows this call runs; calls on disjoint ranges may run at the same time
-  void (*forward)(const Sequence& s, T* out, const T* h0, const T* w_hh_t, T* h_n, bool relu, int64_t r0,
+  void (*forward)(const Sequence& s, T* out, const T* h0, const void* w_hh_t, T* h_n, bool relu, int64_t r0,
                   int64_t r1);
   // The reverse recurrence dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t) of rows [r0, r1), where a
   // row's last step takes grad_h_n instead of the product.
@@ -31,9 +50,9 @@ struct Kernels {
   //   grad_out  [N, H] the gradient of out, or null for zeros
   //   grad_h_n  [B, H] the gradient of h_n, or null for zeros
   //   out       [N, H] the forward's output y = act(z)
-  //   w_hh      [H, H] W_hh itself (not transposed)
+  //   w_hh      [H, H] W_hh itself (not transposed), typed and laid out as `matrix` says
   //   relu, r0, r1  as for forward
-  void (*backward)(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const T* w_hh,
+  void (*backward)(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const void* w_hh,
                    bool relu, int64_t r0, int64_t r1);
   // The input projection of univariate input (I = 1) in one pass: out[n, :] = x[n] w + b. A GEMM
   // with inner dimension 1 runs far below BLAS speed and, with a bias, writes the output twice;
@@ -54,12 +73,18 @@ struct Kernels {
   //   y  [batch, hidden] out; must not alias x or h
   void (*cell)(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* y,
                int64_t batch, int64_t input, int64_t hidden, bool relu);
+  // The type and layout of forward's w_hh_t and backward's w_hh (see Matrix).
+  Matrix matrix;
 };
 
 struct KernelTable {
   const char* isa;
   Kernels<float> f32;
   Kernels<double> f64;
+  Kernels<bf16> b16;
+  Kernels<f16> h16;
+  // How this table converts 16-bit storage to float and back, for `myrnn-fast info`.
+  const char* conversions;
 };
 
 const KernelTable& kernels_baseline();
@@ -68,6 +93,9 @@ const KernelTable& kernels_avx2();
 #endif
 #ifdef MYRNN_HAVE_AVX512
 const KernelTable& kernels_avx512();
+#endif
+#ifdef MYRNN_HAVE_AVX512BF16
+const KernelTable& kernels_avx512bf16();
 #endif
 
 }  // namespace myrnn_fast::cpu

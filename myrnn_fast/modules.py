@@ -77,6 +77,19 @@ def _autocast_cast(t: Tensor | None, dtype: torch.dtype, device_type: str) -> Te
     return t.to(dtype)
 
 
+def _under_autocast(x: Tensor, hx: Tensor, weights):
+    """``(dtype, x, hx, weights)``: under autocast, its dtype and the tensors cast as autocast
+    casts them; otherwise ``None`` and the tensors as they are."""
+    dtype = _autocast_dtype(x.device)
+    if dtype is None:
+        return None, x, hx, weights
+    kind = x.device.type
+    x, hx = _autocast_cast(x, dtype, kind), _autocast_cast(hx, dtype, kind)
+    weights = type(weights)(_autocast_cast(w, dtype, kind) for w in weights)
+    _check_autocast_dtypes(weights[0], x, hx)
+    return dtype, x, hx, weights
+
+
 def _check_autocast_dtypes(weight: Tensor, *tensors: Tensor) -> None:
     # What ATen's GEMM says when a float64 tensor, which autocast leaves alone, meets the others.
     for t in tensors:
@@ -304,12 +317,7 @@ class RNN(nn.Module):
             hx = hx.index_select(1, sorted_indices)
 
         weights = self._flat_weights
-        autocast = _autocast_dtype(x.device)
-        if autocast is not None:
-            kind = x.device.type
-            x, hx = _autocast_cast(x, autocast, kind), _autocast_cast(hx, autocast, kind)
-            weights = [_autocast_cast(w, autocast, kind) for w in weights]
-            _check_autocast_dtypes(weights[0], x, hx)
+        autocast, x, hx, weights = _under_autocast(x, hx, weights)
         self._check_forward_args(x, hx, batch, batch_sizes, weights)
         if not isinstance(self.bidirectional, bool):
             raise TypeError(
@@ -475,12 +483,7 @@ class RNNCell(nn.Module):
         if self.nonlinearity not in _MODES:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        autocast = _autocast_dtype(x.device)
-        if autocast is not None:
-            kind = x.device.type
-            x, hx = _autocast_cast(x, autocast, kind), _autocast_cast(hx, autocast, kind)
-            weights = tuple(_autocast_cast(w, autocast, kind) for w in weights)
-            _check_autocast_dtypes(weights[0], x, hx)
+        autocast, x, hx, weights = _under_autocast(x, hx, weights)
         self._check_forward_args(x, hx, weights[0])
 
         impl = registry.kernels(x.device, self.backend)

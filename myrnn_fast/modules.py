@@ -46,12 +46,13 @@ def _check_backend(backend: str | None) -> str | None:
 
 def _check_devices(x: Tensor, hx: Tensor, params: list[Tensor]) -> None:
     # Same checks and messages as ATen's check_attributes for RNNs.
+    device = x.device
     for name, tensors in (("hidden", [hx]), ("parameter", params)):
         for t in tensors:
-            if t.device != x.device:
+            if t.device != device:
                 raise RuntimeError(
                     f"Input and {name} tensors are not at the same device, found input tensor "
-                    f"at {x.device} and {name} tensor at {t.device}"
+                    f"at {device} and {name} tensor at {t.device}"
                 )
 
 
@@ -253,7 +254,13 @@ class RNN(nn.Module):
 
     @property
     def _flat_weights(self) -> list[Tensor]:
-        return [getattr(self, name) for name in self._flat_weights_names]
+        # Straight from _parameters, which is where torch.func.functional_call puts its tensors
+        # too: nn.Module.__getattr__ costs as much per weight as a tiny layer's whole forward.
+        params = self._parameters
+        try:
+            return [params[name] for name in self._flat_weights_names]
+        except KeyError:  # weights that are properties (torch.nn.utils.parametrize)
+            return [getattr(self, name) for name in self._flat_weights_names]
 
     def flatten_parameters(self) -> None:
         """No-op, kept for code written against ``torch.nn.RNN`` (cuDNN's weight layout)."""
@@ -328,10 +335,10 @@ class RNN(nn.Module):
 
         impl = registry.kernels(x.device, self.backend)
         if autocast is None:
-            out, h_n = self._layers(impl, x, hx, batch_sizes, weights)
+            out, h_n = self._run(impl, x, hx, batch_sizes, weights)
         else:
             with torch.autocast(x.device.type, enabled=False):
-                out, h_n = self._layers(impl, x, hx, batch_sizes, weights)
+                out, h_n = self._run(impl, x, hx, batch_sizes, weights)
 
         if packed:
             if unsorted_indices is not None:
@@ -368,7 +375,23 @@ class RNN(nn.Module):
                 f"convert it: hx.to({x.dtype})"
             )
 
-    def _layers(self, impl, x, hx, batch_sizes, weights):
+    def _run(self, impl, x, hx, batch_sizes, weights):
+        """The stacked layers and directions: in one call where the backend has ``stack`` (and no
+        dropout mask is drawn between layers), else layer by layer."""
+        reverse_index = None
+        if self.bidirectional and batch_sizes is not None:
+            reverse_index = _reverse_index(batch_sizes).to(x.device)
+
+        def per_layer(x, hx, weights):
+            return self._layers(impl, x, hx, batch_sizes, weights, reverse_index)
+
+        stack = getattr(impl, "stack", None)
+        if stack is None or (self.dropout and self.training and self.num_layers > 1):
+            return per_layer(x, hx, weights)
+        return stack(x, hx, weights, self.num_layers, self.bidirectional, self.bias, self.nonlinearity,
+                     batch_sizes, reverse_index, per_layer)
+
+    def _layers(self, impl, x, hx, batch_sizes, weights, reverse_index):
         """Stacked layers and both directions over the backend's single-layer ``layer``."""
         directions = 2 if self.bidirectional else 1
         per_direction = len(weights) // (self.num_layers * directions)
@@ -377,8 +400,7 @@ class RNN(nn.Module):
             if batch_sizes is None:
                 reverse = lambda t: t.flip(0)  # noqa: E731
             else:
-                index = _reverse_index(batch_sizes).to(x.device)
-                reverse = lambda t: t.index_select(0, index)  # noqa: E731
+                reverse = lambda t: t.index_select(0, reverse_index)  # noqa: E731
         h_n = []
         for layer in range(self.num_layers):
             outputs = []
@@ -449,23 +471,6 @@ class RNNCell(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        if (
-            hx is not None
-            and isinstance(input, Tensor)
-            and not torch.is_grad_enabled()
-            and _autocast_dtype(input.device) is None
-        ):
-            # A step that records no graph costs a few microseconds; a backend whose cell_step
-            # validates everything itself runs it before (instead of) our checks. Should it refuse
-            # the input, the checked path below raises torch.nn's own exception for it.
-            step = getattr(registry.kernels(input.device, self.backend), "cell_step", None)
-            if step is not None and input.dim() == 2 and not torch.compiler.is_compiling():
-                p = self._parameters
-                try:
-                    args = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], self.nonlinearity)
-                    return step(input, hx, *args)
-                except (RuntimeError, TypeError, ValueError):
-                    pass
         x = _tensor(input, "input")
         if x.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {x.dim()}D instead")

@@ -17,6 +17,7 @@
 #include "ops/autotune.h"
 #include "ops/knobs.h"
 #include "ops/rnn_cpu.h"
+#include "ops/rnn_stack.h"
 #ifdef MYRNN_WITH_CUDA
 #include "ops/rnn_cuda.h"
 #endif
@@ -119,12 +120,48 @@ PYBIND11_MODULE(_C, m) {
       "rnn_cell's CPU kernel, without dispatch or autograd", pybind11::arg("x"), pybind11::arg("h"),
       pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"),
       pybind11::arg("nonlinearity"));
+  m.def("rnn_backward_cpu", &cpu::rnn_backward, "rnn_backward's CPU kernel, without dispatch or autograd", no_gil,
+        pybind11::arg("grad_out"), pybind11::arg("grad_h_n"), pybind11::arg("x"), pybind11::arg("h0"),
+        pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("out"), pybind11::arg("batch_sizes"),
+        pybind11::arg("nonlinearity"), pybind11::arg("need_grad_x"));
+  // A whole RNN (layers and directions) in one call, on the tensors' device: see ops/rnn_stack.h.
+  namespace stack = myrnn_fast::stack;
+  m.def(
+      "rnn_stack_forward",
+      [](const at::Tensor& x, const at::Tensor& hx, const std::vector<at::Tensor>& weights,
+         const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& reverse_index,
+         int64_t num_layers, bool bidirectional, bool bias, std::string_view nonlinearity, bool save) {
+        return stack::stack_forward(x, hx, weights, batch_sizes, reverse_index,
+                                    {num_layers, bidirectional, bias, nonlinearity}, save);
+      },
+      "[out, h_n] of every layer and direction at once (then, with save, what rnn_stack_backward takes)", no_gil,
+      pybind11::arg("x"), pybind11::arg("hx"), pybind11::arg("weights"), pybind11::arg("batch_sizes"),
+      pybind11::arg("reverse_index"), pybind11::arg("num_layers"), pybind11::arg("bidirectional"),
+      pybind11::arg("bias"), pybind11::arg("nonlinearity"), pybind11::arg("save"));
+  m.def(
+      "rnn_stack_backward",
+      [](const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_h_n, const at::Tensor& x,
+         const at::Tensor& hx, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& saved,
+         const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& reverse_index,
+         int64_t num_layers, bool bidirectional, bool bias, std::string_view nonlinearity, bool need_grad_x) {
+        return stack::stack_backward(grad_out, grad_h_n, x, hx, weights, saved, batch_sizes, reverse_index,
+                                     {num_layers, bidirectional, bias, nonlinearity}, need_grad_x);
+      },
+      "[grad_x, grad_hx, then one gradient per weight] of an rnn_stack_forward(..., save=True)", no_gil,
+      pybind11::arg("grad_out"), pybind11::arg("grad_h_n"), pybind11::arg("x"), pybind11::arg("hx"),
+      pybind11::arg("weights"), pybind11::arg("saved"), pybind11::arg("batch_sizes"), pybind11::arg("reverse_index"),
+      pybind11::arg("num_layers"), pybind11::arg("bidirectional"), pybind11::arg("bias"),
+      pybind11::arg("nonlinearity"), pybind11::arg("need_grad_x"));
 #ifdef MYRNN_WITH_CUDA
   // The same for CUDA tensors: the kernels only enqueue work on the current stream.
   namespace cuda = myrnn_fast::cuda;
   m.def("rnn_forward_cuda", &cuda::rnn_forward, "rnn_forward's CUDA kernel, without dispatch or autograd", no_gil,
         pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"));
+  m.def("rnn_backward_cuda", &cuda::rnn_backward, "rnn_backward's CUDA kernel, without dispatch or autograd", no_gil,
+        pybind11::arg("grad_out"), pybind11::arg("grad_h_n"), pybind11::arg("x"), pybind11::arg("h0"),
+        pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("out"), pybind11::arg("batch_sizes"),
+        pybind11::arg("nonlinearity"), pybind11::arg("need_grad_x"));
   m.def("rnn_cell_cuda", &cuda::rnn_cell, "rnn_cell's CUDA kernel, without dispatch or autograd", no_gil,
         pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));

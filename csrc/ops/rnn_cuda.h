@@ -9,12 +9,16 @@
 
 namespace myrnn_fast::cuda {
 
-// The CUDA kernels of the rnn_forward and rnn_cell ops, callable without the dispatcher.
+// The CUDA kernels of the rnn_forward, rnn_backward and rnn_cell ops, callable without the dispatcher.
 std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                                const std::optional<at::Tensor>& b_hh,
                                                const std::optional<at::Tensor>& batch_sizes,
                                                c10::string_view nonlinearity);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward(
+    const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_h_n, const at::Tensor& x,
+    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& out,
+    const std::optional<at::Tensor>& batch_sizes, c10::string_view nonlinearity, bool need_grad_x);
 at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                     c10::string_view nonlinearity);

@@ -16,10 +16,14 @@ Every backend computes a single layer in a single direction of the Elman recurre
 - Differentiable with respect to ``x``, ``h0`` and every weight.
 
 ``cell(x [B, I], h [B, H], w_ih, w_hh, b_ih, b_hh, nonlinearity) -> h' [B, H]`` is optional: a
-backend without it runs ``RNNCell`` as a one-step ``layer``. ``cell_step`` (same arguments) is
-optional too: a cell for calls that record no graph which validates every argument itself
-(raising RuntimeError, TypeError or ValueError), so that ``RNNCell`` may call it before, and
-instead of, its own checks; per-call overhead is most of a small step's cost.
+backend without it runs ``RNNCell`` as a one-step ``layer``.
+
+``stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_sizes, reverse_index,
+per_layer) -> (out, h_n)`` is optional too: the module layer's loop over layers and directions
+in one call, for a backend whose per-call overhead would otherwise be paid per layer and
+direction (``cpp``). It must equal ``per_layer(x, hx, weights)`` (that loop over ``layer``), which
+it may also call itself where it does not apply. The module never uses it while dropout draws
+masks between layers.
 
 Names, the same in every backend: ``batch_sizes`` is the active rows per step (a tensor here, a
 ``list[int]`` inside the Python backends, an int64 array in the numba kernels), ``seq_len`` a

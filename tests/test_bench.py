@@ -137,7 +137,8 @@ def test_flop_counts():
     T, B, I, H = 5, 3, 2, 4
     assert workloads.flops((T, B, I, H), "fwd") == 2 * T * B * H * (I + H)
     assert workloads.flops((T, B, I, H), "cell") == 2 * B * H * (I + H)
-    assert workloads.flops((T, B, I, H), "fwd+bwd") == 4 * T * B * H * (I + H) + 2 * T * B * H * H
+    # The backward: the weight gradients, dh through W_hh and dx through W_ih.
+    assert workloads.flops((T, B, I, H), "fwd+bwd") == 4 * T * B * H * (I + H) + 2 * T * B * H * (H + I)
 
 
 def test_interleaved_rounds_follow_budget_bounds():
@@ -251,7 +252,8 @@ def test_the_mm_floor_runs_exactly_the_unavoidable_products():
     with Count():
         floor()
     N = T * B
-    assert sorted(shapes) == sorted([((N, I), (I, H)), *[((B, H), (H, H))] * (2 * T), ((H, N), (N, I)), ((H, N), (N, H))])
+    projection, dw_ih, dw_hh, dx = ((N, I), (I, H)), ((H, N), (N, I)), ((H, N), (N, H)), ((N, H), (H, I))
+    assert sorted(shapes) == sorted([projection, *[((B, H), (H, H))] * (2 * T), dw_ih, dw_hh, dx])
 
 
 PEERS_HERE = [p for p in peers.PEERS if peers.unavailable_reason(p, "cpu") is None]

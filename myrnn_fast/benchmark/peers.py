@@ -1,7 +1,8 @@
 """Peers: what a user choosing a fast RNN would try instead, timed beside the backends.
 
 - ``jax``: ``jax.lax.scan`` of the Elman step under ``jax.jit`` (the input projection of every step
-  hoisted out of the scan, as one matrix product); training is ``jax.jit(jax.grad(...))``;
+  hoisted out of the scan, as one matrix product); training is ``jax.jit(jax.grad(...))``
+  with respect to the weights and the input;
 - ``onnxruntime``: ONNX's ``RNN`` operator in an ONNX Runtime CPU session (forward only: ONNX
   Runtime does not train it);
 - ``torch.compile``: inductor over the Elman loop written in plain torch, one product and one
@@ -109,6 +110,8 @@ def build(peer: str, shape, pass_: str, device="cpu", dtype=torch.float32, seed:
         out, h_n = module(x)
         torch.autograd.backward((out, h_n), (grad_out, grad_h))
         expected = [p.grad for p in (module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0)]
+        expected.append(x.grad)
+        x.grad = None
     make = {"jax": _jax, "onnxruntime": _onnxruntime, "torch.compile": _compile}[peer]
     fn, first = make(shape, pass_, weights, x, grad_out, grad_h)
     started = time.perf_counter()
@@ -152,16 +155,20 @@ def _jax(shape, pass_, weights, x, grad_out, grad_h):
 
     go, gh = array(grad_out), array(grad_h[0])
 
-    def loss(params):
+    def loss(params, xs):
         out, h_n = elman(params, xs)
         return jnp.vdot(out, go) + jnp.vdot(h_n, gh)
 
-    grads = jax.jit(jax.grad(loss))
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))  # the weights' and the input's
 
     def train_step():
-        return jax.block_until_ready(grads(params))
+        return jax.block_until_ready(grads(params, xs))
 
-    return train_step, lambda: train_step()
+    def first():
+        grad_params, grad_xs = train_step()
+        return [*grad_params, grad_xs]
+
+    return train_step, first
 
 
 def _onnxruntime(shape, pass_, weights, x, grad_out, grad_h):
@@ -236,12 +243,13 @@ def _compile(shape, pass_, weights, x, grad_out, grad_h):
     def train_step():
         for p in params:
             p.grad = None
+        x.grad = None
         out, h_n = compiled(x, h0, *params)
         torch.autograd.backward((out, h_n), (grad_out, grad_h))
         sync()
 
     def first():
         train_step()
-        return [p.grad for p in params]
+        return [p.grad for p in params] + [x.grad]
 
     return train_step, first

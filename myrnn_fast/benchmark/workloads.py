@@ -135,8 +135,8 @@ def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, se
     """A zero-argument callable running one pass of ``impl``; inputs and weights are built here, once.
 
     ``fwd``: the RNN's forward with autograd off. ``fwd+bwd``: a training step's RNN work, the
-    forward and the backward to every parameter (the input and the default zero ``h0`` need no
-    gradient, as for a first layer). ``cell``: one ``RNNCell`` step with autograd off. "Autograd
+    forward and the backward to the input and every parameter (the input needs its gradient, as
+    for a layer above another one or an embedding; the default zero ``h0`` needs none). ``cell``: one ``RNNCell`` step with autograd off. "Autograd
     off" is the callable's ``grad_enabled = False``, which the timing applies around whole
     samples (:func:`myrnn_fast.benchmark.timing.grad_mode`).
     """
@@ -178,6 +178,7 @@ def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, se
     def train_step():
         for p in params:
             p.grad = None
+        x.grad = None
         out, h_n = module(x)
         torch.autograd.backward((out, h_n), (grad_out, grad_h))
         sync()
@@ -188,8 +189,9 @@ def workload(impl: str, shape, pass_: str, device="cpu", dtype=torch.float32, se
 def problem(shape, pass_: str, device="cpu", dtype=torch.float32, seed: int = 0):
     """The baseline's module and the data every implementation of this pass gets:
     ``(torch_module, x, grad_out, grad_h)``. For ``cell``, x is one step's ``[B, I]``, ``grad_out``
-    the state ``h`` ``[B, H]`` and ``grad_h`` ``None``; otherwise x is ``[T, B, I]`` and the two
-    upstream gradients are those of the output and of ``h_n``."""
+    the state ``h`` ``[B, H]`` and ``grad_h`` ``None``; otherwise x is ``[T, B, I]`` (requiring
+    its gradient for ``fwd+bwd``) and the two upstream gradients are those of the output and of
+    ``h_n``."""
     T, B, I, H = shape
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
@@ -202,15 +204,15 @@ def problem(shape, pass_: str, device="cpu", dtype=torch.float32, seed: int = 0)
         module = (torch.nn.RNNCell if pass_ == "cell" else torch.nn.RNN)(I, H, device=device, dtype=dtype)
     if pass_ == "cell":
         return module, randn(B, I), randn(B, H), None
-    return module, randn(T, B, I), randn(T, B, H), randn(1, B, H)
+    return module, randn(T, B, I).requires_grad_(pass_ == "fwd+bwd"), randn(T, B, H), randn(1, B, H)
 
 
 def mm_floor(shape, device="cpu", dtype=torch.float32) -> Callable[[], None]:
     """The matrix products a ``fwd+bwd`` pass cannot avoid, each one ``torch.mm`` into a preallocated
     output: the input projection of every step, one hidden-state product per step forward and one
-    backward, and the weight gradients ``dW_ih`` and ``dW_hh``. The input needs no gradient in
-    that pass (see :func:`workload`), so ``dx`` is not among them; neither are the nonlinearity,
-    the biases and the per-step bookkeeping. Its time is the floor an implementation's pass is
+    backward, the weight gradients ``dW_ih`` and ``dW_hh``, and the input's gradient ``dx`` (the
+    pass needs it, see :func:`workload`). The nonlinearity, the biases and the per-step
+    bookkeeping are not among them. Its time is the floor an implementation's pass is
     measured against."""
     T, B, I, H = shape
     device = torch.device(device)
@@ -221,7 +223,7 @@ def mm_floor(shape, device="cpu", dtype=torch.float32) -> Callable[[], None]:
         return torch.randn(*size, dtype=dtype, device=device)
 
     x, w_ih, w_hh, y, dz = randn(N, I), randn(H, I), randn(H, H), randn(N, H), randn(N, H)
-    projected, dw_ih, dw_hh = randn(N, H), randn(H, I), randn(H, H)
+    projected, dw_ih, dw_hh, dx = randn(N, H), randn(H, I), randn(H, H), randn(N, I)
     steps = [randn(B, H) for _ in range(2)]
 
     def floor():
@@ -232,6 +234,7 @@ def mm_floor(shape, device="cpu", dtype=torch.float32) -> Callable[[], None]:
             torch.mm(steps[1], w_hh, out=steps[0])  # backward: dz_t W_hh
         torch.mm(dz.t(), x, out=dw_ih)
         torch.mm(dz.t(), y, out=dw_hh)
+        torch.mm(dz, w_ih, out=dx)
         sync()
 
     return floor
@@ -240,13 +243,13 @@ def mm_floor(shape, device="cpu", dtype=torch.float32) -> Callable[[], None]:
 def flops(shape, pass_: str) -> float:
     """Floating-point operations of the matrix products a pass needs (2 per multiply-add).
 
-    Forward: ``2 T B H (I + H)``. Backward adds the weight gradients (the same count again) and the
-    hidden-state gradient through ``W_hh`` (``2 T B H H``); the input needs no gradient. The
+    Forward: ``2 T B H (I + H)``. Backward adds the weight gradients (the same count again), the
+    hidden-state gradient through ``W_hh`` (``2 T B H H``) and the input's (``2 T B H I``). The
     nonlinearity and the biases are not counted. A cell pass is one step (``T = 1``).
     """
     T, B, I, H = shape
     steps = 1 if pass_ == "cell" else T
     forward = 2 * steps * B * H * (I + H)
     if pass_ == "fwd+bwd":
-        return 2 * forward + 2 * steps * B * H * H
+        return 2 * forward + 2 * steps * B * H * (H + I)
     return forward

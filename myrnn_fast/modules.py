@@ -351,6 +351,17 @@ class RNN(nn.Module):
         return out, h_n
 
     def _check_forward_args(self, x, hx, batch, batch_sizes, weights) -> None:
+        # All the checks at once first (per-call overhead is most of a short sequence's cost),
+        # then one by one, in torch.nn's order and words, for the message.
+        xs, device, dtype = x.shape, x.device, x.dtype
+        expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
+        if (
+            len(xs) == (2 if batch_sizes is not None else 3) and xs[-1] == self.input_size
+            and hx.shape == expected and (batch_sizes is not None or xs[1 if self.batch_first else 0] > 0)
+            and dtype == hx.dtype == weights[0].dtype and hx.device == device
+            and all(w.device == device for w in weights)
+        ):
+            return
         if x.dtype != weights[0].dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({weights[0].dtype}). "
@@ -363,7 +374,6 @@ class RNN(nn.Module):
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.size(-1)}"
             )
-        expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
         if hx.size() != expected:
             raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.size())}")
         if batch_sizes is None and x.size(1 if self.batch_first else 0) == 0:
@@ -487,7 +497,11 @@ class RNNCell(nn.Module):
             hx = hx.unsqueeze(0)
         if self.nonlinearity not in _MODES:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        params = self._parameters  # not nn.Module.__getattr__, which costs as much as a small step
+        try:
+            weights = (params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"])
+        except KeyError:  # weights that are properties (torch.nn.utils.parametrize)
+            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         autocast, x, hx, weights = _under_autocast(x, hx, weights)
         self._check_forward_args(x, hx, weights[0])
 
@@ -507,6 +521,13 @@ class RNNCell(nn.Module):
 
     def _check_forward_args(self, x: Tensor, hx: Tensor, w: Tensor) -> None:
         # ATen's rnn_*_cell checks, in its order and words, then what ATen leaves to its GEMM.
+        # All of them at once first: per-call overhead is most of a small step's cost.
+        xs, hs = x.shape, hx.shape
+        if (
+            len(hs) == 2 and xs[1] == self.input_size and hs[0] == xs[0] and hs[1] == self.hidden_size
+            and x.device == hx.device == w.device and x.dtype == hx.dtype == w.dtype
+        ):
+            return
         if x.size(1) != self.input_size:
             raise RuntimeError(
                 f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}"

@@ -170,9 +170,9 @@ def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
         return _torch.cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     if not (_eager(x) and type(h) is Tensor):
         return ops.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-    if not torch.is_grad_enabled():
-        return _CELL[x.device.type](x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-    return _EagerCell.apply(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    if torch.is_grad_enabled():
+        return _EagerCell.apply(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    return _CELL[x.device.type](x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
 
 
 class _EagerCell(torch.autograd.Function):

@@ -30,6 +30,7 @@
 #include <string>
 #include <chrono>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace myrnn_fast::cpu {
@@ -77,6 +78,19 @@ template <> struct Storage<at::Half> { using type = f16; };
 template <typename T> using storage_t = typename Storage<T>::type;
 
 template <typename S> const Kernels<S>& kernels();
+// The kernels a recurrence over `batch` rows takes. A single row's step is one chain of dependent
+// multiply-adds, and AVX512-BF16's pairwise vdpbf16ps has about twice an FMA's latency; with a
+// float32 copy of the state (the kFloatScratch kernels of the AVX-512 table below it) the chain is
+// float32's. So bfloat16 at B = 1 takes those.
+template <typename S> const Kernels<S>& kernels_for_batch(int64_t batch) {
+  if constexpr (std::is_same_v<S, bf16>) {
+    const auto& tables = supported_tables();
+    const KernelTable& t = table();
+    if (batch == 1 && t.b16.matrix == Matrix::kBf16Pairs && &t == tables.back() && tables.size() > 1)
+      return tables[tables.size() - 2]->b16;
+  }
+  return kernels<S>();
+}
 template <> const Kernels<float>& kernels<float>() { return table().f32; }
 template <> const Kernels<double>& kernels<double>() { return table().f64; }
 template <> const Kernels<bf16>& kernels<bf16>() { return table().b16; }
@@ -253,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   if (l.seq_len == 0) h_n.copy_(h);
 
   MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
-    const auto& k = kernels<storage_t<scalar_t>>();
+    const auto& k = kernels_for_batch<storage_t<scalar_t>>(l.batch);
     // The input projection of every step at once; the recurrence then updates it in place.
     if (l.input == 1) {
       out = at::empty({l.rows, H}, x.options());
@@ -312,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   at::Tensor dz = at::empty({N, H}, y.options());
 
   MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_backward", [&] {
-    const auto& k = kernels<storage_t<scalar_t>>();
+    const auto& k = kernels_for_batch<storage_t<scalar_t>>(l.batch);
     const auto* go_p = go.defined() ? cptr<scalar_t>(go) : nullptr;
     const auto* ghn_p = ghn.defined() ? cptr<scalar_t>(ghn) : nullptr;
     // The reverse recurrence into `d` (every element written) by one path.

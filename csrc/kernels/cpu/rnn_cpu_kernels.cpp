@@ -153,6 +153,27 @@ template <> inline void store(f16* p, vfloat v) {
 #endif
 }
 
+// v rounded to the storage type S and widened back, without leaving the registers (what
+// load(p) gives after store(p, v)).
+template <typename S> inline vfloat rounded(vfloat v);
+template <> inline vfloat rounded<bf16>(vfloat v) {
+  const vuint32 b = bits_as<vuint32>(v);
+  const vuint32 r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  const vuint32 nan = bits_as<vuint32>(v != v);
+  return bits_as<vfloat>(((nan & ((b >> 16) | 0x40u)) | (~nan & r)) << 16);
+}
+template <> inline vfloat rounded<f16>(vfloat v) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512F__)
+  return bits_as<vfloat>(
+      _mm512_cvtph_ps(_mm512_cvtps_ph(bits_as<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+#elif MYRNN_VECTOR_BYTES == 32 && defined(__F16C__)
+  return bits_as<vfloat>(
+      _mm256_cvtph_ps(_mm256_cvtps_ph(bits_as<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+#else
+  return __builtin_convertvector(__builtin_convertvector(v, vhalf), vfloat);
+#endif
+}
+
 // The scalar conversions, for the columns past the last full vector.
 template <typename S> inline compute_t<S> widen(S v) { return v; }
 inline float widen(bf16 v) { return __builtin_bit_cast(float, uint32_t{v.bits} << 16); }
@@ -361,7 +382,9 @@ inline void tile(const Operands<T, A, M>& o, int64_t j) {
       }
       const int64_t at = r * H + j + v * W;
       store(o.dst + at, out);
-      if constexpr (kFloatScratch<T>) store(o.dst_float + at, load(o.dst + at));
+      // The float state is the stored value widened back, computed in registers: reading dst
+      // back would put a store-to-load round trip on the step's critical path.
+      if constexpr (kFloatScratch<T>) store(o.dst_float + at, rounded<T>(out));
     }
 }
 

@@ -90,6 +90,14 @@ KNOBS: dict[str, Knob] = {
              "a JSON file of cpu_autotune's choices: those saved there on this machine (same CPU "
              "model and torch) are loaded when the cpp backend is first used, and the process's "
              "are written back at exit; empty: choices live only in the process"),
+        Knob("cpu_grads", str, "auto", "cpp",
+             "cpp CPU backward's weight gradients: kernels (register tiles, no GEMM calls), gemm "
+             "(ATen GEMMs), auto (kernels up to cpu_grads_kernels_max_work, and for a 16-bit dtype "
+             "whose ATen GEMM is slow)",
+             choices=("auto", "kernels", "gemm")),
+        Knob("cpu_grads_kernels_max_work", int, 1 << 20, "cpp",
+             "multiply-adds of the weight gradients up to which cpu_grads auto forms them in the "
+             "kernels (each ATen GEMM costs microseconds of fixed overhead)", minimum=0),
         Knob("cpu_parallel_min_work", int, 1 << 17, "cpp",
              "multiply-adds below which a cpp CPU call stays on the calling thread (waking the "
              "pool costs more)", minimum=0),

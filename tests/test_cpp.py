@@ -357,3 +357,111 @@ def test_backward_paths_agree_for_every_incoming_grad(packed, grads, nonlinearit
         torch.testing.assert_close(b, a, msg=lambda m: f"grad of {name}: {m}")
     if grads == "neither":
         assert all(torch.count_nonzero(g) == 0 for g in results["gemm"])
+
+
+# ---- the backward's gradients formed in the kernels (cpu_grads) against the ATen GEMMs ------
+
+
+@pytest.fixture(params=list(itertools.product(ISAS, ["kernels", "gemm"])), ids=lambda p: "-".join(p))
+def isa_grads(request):
+    """Run the test with one instruction set and one way of forming the gradients, then restore."""
+    isa, grads = request.param
+    with config.override(cpu_isa=isa, cpu_grads=grads):
+        yield request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("H", [1, 5, 16, 33])
+@pytest.mark.parametrize("I", [1, 3, 20])
+def test_every_isa_and_grads_path_dense(isa_grads, dtype, H, I):
+    # Hidden and input sizes below, at and between vector widths (input size 1 is the article's),
+    # batches around the register tiles' row counts: outputs, h_n and the gradients of x, h0 and
+    # every parameter against torch.nn.
+    ref, ours = rnn_pair("cpp", I, H, 2, bidirectional=True, dtype=dtype)
+
+    def make():
+        x = _randn(6, 9, I, dtype=dtype, seed=1)
+        hx = _randn(4, 9, H, dtype=dtype, seed=2)
+        return (x, hx), [x, hx]
+
+    check_module(ref, ours, make, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("H", [5, 33])
+def test_every_isa_and_grads_path_16_bit(isa_grads, dtype, H):
+    # One layer, so that the comparison measures this layer's rounding rather than rounding
+    # compounded through layers: within a few ulps of the largest value, as torch.nn's own
+    # 16-bit RNN differs from itself with the order of operations.
+    ref, ours = rnn_pair("cpp", 3, H, 1, dtype=dtype)
+    x = _randn(6, 9, 3, dtype=dtype, seed=1, grad=False).requires_grad_()
+    hx = _randn(1, 9, H, dtype=dtype, seed=2, grad=False).requires_grad_()
+    weights = torch.linspace(-1, 1, 6 * 9 * H, dtype=torch.float64).reshape(6, 9, H).to(dtype)
+    results = []
+    for module in (ours, ref):
+        out, h_n = module(x, hx)
+        loss = (out * weights).sum() + h_n.sum()
+        results.append([out, h_n, *torch.autograd.grad(loss, [x, hx, *module.parameters()])])
+    eps = torch.finfo(dtype).eps
+    for name, a, b in zip(["out", "h_n", "x", "hx", "w_ih", "w_hh", "b_ih", "b_hh"], *results):
+        assert a.dtype == dtype, name
+        bound = 32 * eps * (1 + b.abs().max().item())
+        assert (a.double() - b.double()).abs().max().item() <= bound, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_every_isa_and_grads_path_packed(isa_grads, dtype):
+    ref, ours = rnn_pair("cpp", 3, 20, 2, dtype=dtype)
+    lengths = [7, 7, 5, 4, 4, 2, 1]
+
+    def make():
+        seqs = [_randn(n, 3, dtype=dtype, seed=10 + i) for i, n in enumerate(lengths)]
+        return (pack_sequence(seqs),), seqs
+
+    check_module(ref, ours, make, dtype)
+
+
+def test_gradcheck_every_isa_and_grads_path(isa_grads):
+    for packed in (False, True):
+        args = _layer_args(H=6, packed=packed)
+
+        def fn(*t):
+            return ops.rnn_forward(*t, args[6], args[7])
+
+        assert torch.autograd.gradcheck(fn, list(args[:6]))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("need_grad_x", [True, False])
+@pytest.mark.parametrize("grads", ["both", "out only", "h_n only", "neither"])
+def test_grads_kernels_match_the_gemms(threads, packed, need_grad_x, grads):
+    # Every incoming-gradient combination, with and without grad x, on one thread and split over
+    # two (each with its own accumulator, summed after): the same results as the ATen GEMMs.
+    x, h0, w_ih, w_hh, _, _, sizes, _ = _layer_args(T=5, B=7, I=3, H=18, packed=packed, bias=False)
+    detached = [t.detach() for t in (x, h0, w_ih, w_hh)]
+    out, h_n = ops.rnn_forward(*detached, None, None, sizes, "tanh")
+    grad_out = _randn(*out.shape, seed=7, grad=False) if grads in ("both", "out only") else None
+    grad_h_n = _randn(*h_n.shape, seed=8, grad=False) if grads in ("both", "h_n only") else None
+    results = {}
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for how in ("kernels", "gemm"):
+            with config.override(cpu_grads=how, cpu_parallel_min_work=0):
+                results[how] = ops.rnn_backward(grad_out, grad_h_n, *detached, out, sizes, "tanh", need_grad_x)
+    finally:
+        torch.set_num_threads(saved)
+    for name, a, b in zip(("x", "h0", "w_ih", "w_hh", "b"), results["kernels"], results["gemm"]):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad of {name}: {m}")
+    if grads == "neither":
+        assert all(torch.count_nonzero(g) == 0 for g in results["kernels"])
+
+
+def test_grads_knob_rejects_unknown_values():
+    with pytest.raises(ValueError, match="cpu_grads must be one of auto, kernels, gemm; got 'blas'"):
+        _C.set_knob("cpu_grads", "blas")
+    with pytest.raises(ValueError, match="cpu_grads_kernels_max_work must be an integer >= 0"):
+        _C.set_knob("cpu_grads_kernels_max_work", -1)
+    assert _C.knobs()["cpu_grads"] == "auto"

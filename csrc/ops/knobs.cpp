@@ -83,6 +83,10 @@ Knob cpu_tiles_max_batch{"cpu_tiles_max_batch", 16};
 // The crossover moves with the cores, caches, vector width and BLAS of each machine, and with the
 // load on shared ones: measured on first use, it need not be guessed.
 Knob cpu_autotune{"cpu_autotune", 1, {0, 1}};
+// Each ATen GEMM of the gradients costs microseconds of dispatch and setup before it multiplies;
+// the kernels' register tiles cost none, and run near BLAS speed while the layer is small.
+Knob cpu_grads{"cpu_grads", {"auto", "kernels", "gemm"}, "auto"};
+Knob cpu_grads_kernels_max_work{"cpu_grads_kernels_max_work", int64_t{1} << 20};
 // Waking ATen's pool costs microseconds: below this many multiply-adds, about that long on one
 // core, a call runs on the calling thread.
 Knob cpu_parallel_min_work{"cpu_parallel_min_work", int64_t{1} << 17};
@@ -102,6 +106,8 @@ const std::vector<Knob*>& registry() {
                                       &cpu_tiles_max_hidden,
                                       &cpu_tiles_max_batch,
                                       &cpu_autotune,
+                                      &cpu_grads,
+                                      &cpu_grads_kernels_max_work,
                                       &cpu_parallel_min_work,
                                       &cpu_cell_gil_release_min_work,
 #ifdef MYRNN_WITH_CUDA

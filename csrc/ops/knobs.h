@@ -66,6 +66,12 @@ extern Knob cpu_tiles_max_batch;
 // 1: under cpu_path "auto", the first call of each kind times both paths and keeps the faster
 // (ops/autotune.h); 0: the two thresholds above decide.
 extern Knob cpu_autotune;
+// How a CPU backward forms its weight gradients: by size (auto), in the kernels (no GEMM calls),
+// or as ATen GEMMs.
+enum class CpuGrads : int64_t { kAuto, kKernels, kGemm };  // cpu_grads' choices, in order
+extern Knob cpu_grads;
+// Multiply-adds of the gradients up to which auto forms them in the kernels.
+extern Knob cpu_grads_kernels_max_work;
 // Multiply-adds below which a CPU call runs on the calling thread rather than ATen's pool.
 extern Knob cpu_parallel_min_work;
 // Multiply-adds from which _C.rnn_cell_cpu releases the GIL while it computes.

@@ -30,6 +30,7 @@
 #include <string>
 #include <chrono>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace myrnn_fast::cpu {
@@ -77,6 +78,19 @@ template <> struct Storage<at::Half> { using type = f16; };
 template <typename T> using storage_t = typename Storage<T>::type;
 
 template <typename S> const Kernels<S>& kernels();
+// The kernels a recurrence over `batch` rows takes. A single row's step is one chain of dependent
+// multiply-adds, and AVX512-BF16's pairwise vdpbf16ps has about twice an FMA's latency; with a
+// float32 copy of the state (the kFloatScratch kernels of the AVX-512 table below it) the chain is
+// float32's. So bfloat16 at B = 1 takes those.
+template <typename S> const Kernels<S>& kernels_for_batch(int64_t batch) {
+  if constexpr (std::is_same_v<S, bf16>) {
+    const auto& tables = supported_tables();
+    const KernelTable& t = table();
+    if (batch == 1 && t.b16.matrix == Matrix::kBf16Pairs && &t == tables.back() && tables.size() > 1)
+      return tables[tables.size() - 2]->b16;
+  }
+  return kernels<S>();
+}
 template <> const Kernels<float>& kernels<float>() { return table().f32; }
 template <> const Kernels<double>& kernels<double>() { return table().f64; }
 template <> const Kernels<bf16>& kernels<bf16>() { return table().b16; }
@@ -181,6 +195,58 @@ void for_elements(int64_t n, const F& fn) {
   at::parallel_for(0, n, 1 << 15, fn);
 }
 
+// The multiply-adds of a backward's weight gradients (and of grad x when asked).
+int64_t grads_work(const Layout& l, bool need_grad_x) {
+  return l.rows * l.hidden * (l.hidden + l.input * (need_grad_x ? 2 : 1));
+}
+
+// Whether rnn_backward forms its gradients in the kernels (Kernels::grads) rather than as ATen
+// GEMMs (layer_grads): each of those five or six calls costs microseconds before it multiplies
+// anything, more than the whole product at small sizes, where the kernels' register tiles run
+// at BLAS speed. A 16-bit dtype whose ATen GEMM is slow (slow_gemm) takes the kernels at any size:
+// they read the 16-bit storage directly, with no float32 copies.
+bool fused_grads(const Layout& l, at::ScalarType dtype, bool need_grad_x) {
+  if (l.seq_len == 0) return false;  // grad_h0 is then grad_h_n itself: layer_grads covers it
+  switch (knobs::cpu_grads.as<knobs::CpuGrads>()) {
+    case knobs::CpuGrads::kKernels: return true;
+    case knobs::CpuGrads::kGemm: return false;
+    default: return slow_gemm(dtype) || grads_work(l, need_grad_x) <= knobs::cpu_grads_kernels_max_work.get();
+  }
+}
+
+// rnn_backward's gradients (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b) from dz by the kernels:
+// each thread of ATen's pool sums its share of rows into an accumulator of its own, in float32
+// (float64 for float64), and one pass adds those and rounds each gradient once.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_grads(
+    const at::Tensor& dz, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& y, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const Layout& l, bool need_grad_x) {
+  const int64_t B = l.batch, H = l.hidden, I = l.input, N = l.rows;
+  const auto type = x.scalar_type();
+  auto empty = [&](at::IntArrayRef sizes) { return at::detail::empty_cpu(sizes, type, /*pin_memory=*/false); };
+  at::Tensor grad_x = need_grad_x ? empty(x.sizes()) : empty({0});
+  at::Tensor grad_h0 = empty({B, H}), grad_w_ih = empty({H, I}), grad_w_hh = empty({H, H}), grad_b = empty({H});
+  const auto xc = x.expect_contiguous(), h0c = h0.expect_contiguous(), wi = w_ih.expect_contiguous();
+  MYRNN_DISPATCH(type, "myrnn_fast::rnn_backward", [&] {
+    using S = storage_t<scalar_t>;
+    using C = Accumulator<S>::type;
+    const auto& k = kernels<S>();
+    const Sequence s = l.sequence();
+    const int64_t stride = grads_size(H, I);
+    const int64_t parts = std::max<int64_t>(1, at::get_num_threads());
+    std::vector<C> acc(parts * stride, C(0));
+    for_rows(B, grads_work(l, need_grad_x), [&](int64_t r0, int64_t r1) {
+      C* mine = acc.data() + std::min<int64_t>(at::get_thread_num(), parts - 1) * stride;
+      k.grads(s, I, cptr<scalar_t>(dz), cptr<scalar_t>(*xc), cptr<scalar_t>(*h0c), cptr<scalar_t>(y),
+              cptr<scalar_t>(*wi), cptr<scalar_t>(w_hh), mine, need_grad_x ? ptr<scalar_t>(grad_x) : nullptr,
+              ptr<scalar_t>(grad_h0), r0, r1);
+    });
+    k.grads_finish(acc.data(), parts, stride, H, I, ptr<scalar_t>(grad_w_hh), ptr<scalar_t>(grad_w_ih),
+                   ptr<scalar_t>(grad_b));
+  });
+  (void)N;
+  return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b};
+}
+
 }  // namespace
 
 // ---- forward --------------------------------------------------------------------------------
@@ -201,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   if (l.seq_len == 0) h_n.copy_(h);
 
   MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
-    const auto& k = kernels<storage_t<scalar_t>>();
+    const auto& k = kernels_for_batch<storage_t<scalar_t>>(l.batch);
     // The input projection of every step at once; the recurrence then updates it in place.
     if (l.input == 1) {
       out = at::empty({l.rows, H}, x.options());
@@ -260,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   at::Tensor dz = at::empty({N, H}, y.options());
 
   MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_backward", [&] {
-    const auto& k = kernels<storage_t<scalar_t>>();
+    const auto& k = kernels_for_batch<storage_t<scalar_t>>(l.batch);
     const auto* go_p = go.defined() ? cptr<scalar_t>(go) : nullptr;
     const auto* ghn_p = ghn.defined() ? cptr<scalar_t>(ghn) : nullptr;
     // The reverse recurrence into `d` (every element written) by one path.
@@ -289,6 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     });
     dz = dzs[static_cast<int>(winner)];
   });
+  if (fused_grads(l, x.scalar_type(), need_grad_x)) return kernel_grads(dz, x, h0, y, w_ih, w, l, need_grad_x);
   if (slow_gemm(x.scalar_type()))
     return in_float32(layer_grads, x.scalar_type(), dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
   return layer_grads(dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);

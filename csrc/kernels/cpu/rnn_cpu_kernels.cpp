@@ -15,7 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__SSE__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <cstdint>
@@ -80,10 +80,22 @@ constexpr bool kPairs = false;
 constexpr const char* kConversions = "bfloat16: shift and integer rounding; float16: software";
 #endif
 
-constexpr int kRows = 4;     // rows per register tile
-constexpr int kVectors = 2;  // vectors of columns per register tile
+// Register tiles: R rows by NV vectors of columns, with S sets of accumulators over alternating k.
+// An FMA's result is ready some four cycles later and two issue a cycle, so a tile needs more
+// than eight independent accumulators to keep both FMA pipes busy across its k loop; R NV S of
+// them plus NV columns and a broadcast must fit the register file (32 vectors with AVX-512, 16
+// below). Tiles of kMaxRows rows cover the batch, then 4, 2 and 1 row for what is left.
+constexpr int kRegisters = kBytes == 64 ? 32 : 16;
+
+constexpr int kMaxRows = kRegisters == 32 ? 8 : 4;
+template <int R> constexpr int kWide = R == 1 || (R == 2 && kRegisters == 32) ? 4 : 2;  // NV of the widest tile
+template <int R> constexpr int kSets = kRegisters == 32 ? (R == 8 ? 1 : 2) : (R == 4 ? 1 : 2);
 
 template <typename To, typename From> inline To bits_as(From v) { return __builtin_bit_cast(To, v); }
+
+// Every lane = s. Not `V{} + s`: adding +0 is not an identity (-0 + 0 = +0), so the compiler keeps
+// a scalar add before each broadcast; `s - 0` is one, and folds to a plain (memory) broadcast.
+template <typename V, typename S> inline V splat(S s) { return s - V{}; }
 
 // ---- storage <-> registers: 16-bit values widen on load and round to nearest even on store --
 
@@ -141,6 +153,27 @@ template <> inline void store(f16* p, vfloat v) {
 #endif
 }
 
+// v rounded to the storage type S and widened back, without leaving the registers (what
+// load(p) gives after store(p, v)).
+template <typename S> inline vfloat rounded(vfloat v);
+template <> inline vfloat rounded<bf16>(vfloat v) {
+  const vuint32 b = bits_as<vuint32>(v);
+  const vuint32 r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  const vuint32 nan = bits_as<vuint32>(v != v);
+  return bits_as<vfloat>(((nan & ((b >> 16) | 0x40u)) | (~nan & r)) << 16);
+}
+template <> inline vfloat rounded<f16>(vfloat v) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512F__)
+  return bits_as<vfloat>(
+      _mm512_cvtph_ps(_mm512_cvtps_ph(bits_as<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+#elif MYRNN_VECTOR_BYTES == 32 && defined(__F16C__)
+  return bits_as<vfloat>(
+      _mm256_cvtph_ps(_mm256_cvtps_ph(bits_as<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+#else
+  return __builtin_convertvector(__builtin_convertvector(v, vhalf), vfloat);
+#endif
+}
+
 // The scalar conversions, for the columns past the last full vector.
 template <typename S> inline compute_t<S> widen(S v) { return v; }
 inline float widen(bf16 v) { return __builtin_bit_cast(float, uint32_t{v.bits} << 16); }
@@ -154,37 +187,49 @@ template <> inline bf16 narrow(float v) {
 }
 template <> inline f16 narrow(float v) { return {__builtin_bit_cast(uint16_t, static_cast<_Float16>(v))}; }
 
-// tanh for float vectors, accurate to a few ulp: sign(x) (1 - e) / (1 + e) with e = exp(-2|x|),
-// and the odd Taylor series below |x| = 1/4, where 1 - e would cancel. NaN stays NaN (no
-// comparison lets it through), +-Inf gives +-1.
+// n / d for float vectors with d > 0, to about an ulp: a reciprocal estimate refined by one
+// Newton step on the quotient. A vector division has a throughput of one every several cycles
+// and the nonlinearity needs one per vector; at small hidden sizes it cost as much as the step's
+// multiply-adds.
+inline vfloat quotient(vfloat n, vfloat d) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512F__)
+  const vfloat r = bits_as<vfloat>(_mm512_rcp14_ps(bits_as<__m512>(d)));
+#elif MYRNN_VECTOR_BYTES == 32 && defined(__AVX__)
+  const vfloat r = bits_as<vfloat>(_mm256_rcp_ps(bits_as<__m256>(d)));
+#elif MYRNN_VECTOR_BYTES == 16 && defined(__SSE__)
+  const vfloat r = bits_as<vfloat>(_mm_rcp_ps(bits_as<__m128>(d)));
+#else
+  return n / d;
+#endif
+#if defined(__SSE__)
+  const vfloat q = n * r;
+  return q + r * (n - d * q);
+#endif
+}
+
+// tanh for float vectors, within 5 ulp: x P(x^2) / Q(x^2), a [13/6] rational minimax
+// approximation on |x| <= 7.905 (Eigen's fast tanh coefficients), where it reaches 1 - 4 ulp;
+// +-1 from |x| = 9, where tanh rounds to it. Half the instructions of an exp-based tanh (it needs
+// no range reduction, no scaling and no second formula near 0, where x P / Q has no cancellation),
+// and it is a large share of a step at small hidden sizes. NaN stays NaN: no comparison lets it
+// through. x = -0 gives -0.
 inline vfloat tanh_vec(vfloat x) {
+  constexpr float c = 7.90531110763549805f;
   const vint32 bits = bits_as<vint32>(x);
   const vfloat ax = bits_as<vfloat>(bits & INT32_MAX);
-  vfloat a = -2.0f * ax;
-  a = a < -87.0f ? vfloat{} - 87.0f : a;  // e underflows below; tanh is +-1 there anyway
-  // exp(a) = 2^n exp(r), |r| <= ln2/2; adding and subtracting 1.5 * 2^23 rounds to an integer.
-  const vfloat n = (a * 1.44269504f + 12582912.0f) - 12582912.0f;
-  const vfloat r = (a - n * 0.693145752f) - n * 1.42860677e-6f;
-  vfloat p = 1.0f / 5040.0f + r * (1.0f / 40320.0f);
-  p = 1.0f / 720.0f + r * p;
-  p = 1.0f / 120.0f + r * p;
-  p = 1.0f / 24.0f + r * p;
-  p = 1.0f / 6.0f + r * p;
-  p = 0.5f + r * p;
-  p = 1.0f + r * p;
-  p = 1.0f + r * p;
-  const vint32 scale = (__builtin_convertvector(n, vint32) + 127) << 23;
-  const vfloat e = p * bits_as<vfloat>(scale);
-  const vfloat big = (1.0f - e) / (1.0f + e);
-  const vfloat big_signed = bits_as<vfloat>(bits_as<vint32>(big) | (bits & INT32_MIN));
-  const vfloat x2 = x * x;
-  vfloat s = vfloat{} - 1382.0f / 155925.0f;
-  s = 62.0f / 2835.0f + x2 * s;
-  s = -17.0f / 315.0f + x2 * s;
-  s = 2.0f / 15.0f + x2 * s;
-  s = -1.0f / 3.0f + x2 * s;
-  const vfloat small = x + x * x2 * s;
-  return ax < 0.25f ? small : big_signed;
+  const vfloat xc = ax > c ? bits_as<vfloat>((bits & INT32_MIN) | bits_as<vint32>(vfloat{} + c)) : x;
+  const vfloat x2 = xc * xc;
+  vfloat p = 2.00018790482477e-13f + x2 * -2.76076847742355e-16f;
+  p = -8.60467152213735e-11f + x2 * p;
+  p = 5.12229709037114e-08f + x2 * p;
+  p = 1.48572235717979e-05f + x2 * p;
+  p = 6.37261928875436e-04f + x2 * p;
+  p = 4.89352455891786e-03f + x2 * p;
+  vfloat q = 1.18534705686654e-04f + x2 * 1.19825839466702e-06f;
+  q = 2.26843463243900e-03f + x2 * q;
+  q = 4.89352518554385e-03f + x2 * q;
+  const vfloat y = quotient(xc * p, q);
+  return ax >= 9.0f ? bits_as<vfloat>((bits & INT32_MIN) | bits_as<vint32>(vfloat{} + 1.0f)) : y;
 }
 
 // No double-precision vector tanh: float64 is for checking, not for speed, so it takes libm's.
@@ -276,7 +321,7 @@ inline void accumulate(vec<T> (&acc)[S][R][NV], const A* a, const M* m, int64_t 
     V col[NV];
     for (int v = 0; v < NV; ++v) col[v] = load(m + kk * H + j + v * W);
     for (int r = 0; r < R; ++r) {
-      const V p = V{} + widen(a[r * H + kk]);
+      const V p = splat<V>(widen(a[r * H + kk]));
       for (int v = 0; v < NV; ++v) acc[set][r][v] += p * col[v];
     }
   };
@@ -337,21 +382,22 @@ inline void tile(const Operands<T, A, M>& o, int64_t j) {
       }
       const int64_t at = r * H + j + v * W;
       store(o.dst + at, out);
-      if constexpr (kFloatScratch<T>) store(o.dst_float + at, load(o.dst + at));
+      // The float state is the stored value widened back, computed in registers: reading dst
+      // back would put a store-to-load round trip on the step's critical path.
+      if constexpr (kFloatScratch<T>) store(o.dst_float + at, rounded<T>(out));
     }
 }
 
-// R rows over all H columns: wide register tiles, then narrower, then scalar columns. A single
-// row gets wider tiles and two accumulator sets: it has no other rows to fill the FMA pipes.
+// R rows over all H columns: the widest register tiles, then narrower, then scalar columns.
 template <typename T, int R, Epilogue E, typename A, typename M>
 inline void rows(const Operands<T, A, M>& o) {
   constexpr int W = kLanes<T>;
-  constexpr int S = R == 1 ? 2 : 1;
+  constexpr int NV = kWide<R>, S = kSets<R>;
   const int64_t H = o.H;
   int64_t j = 0;
-  if constexpr (R == 1)
-    for (; j + 4 * W <= H; j += 4 * W) tile<T, R, 4, S, E>(o, j);
-  for (; j + kVectors * W <= H; j += kVectors * W) tile<T, R, kVectors, S, E>(o, j);
+  for (; j + NV * W <= H; j += NV * W) tile<T, R, NV, S, E>(o, j);
+  if constexpr (NV > 2)
+    for (; j + 2 * W <= H; j += 2 * W) tile<T, R, 2, S, E>(o, j);
   for (; j + W <= H; j += W) tile<T, R, 1, S, E>(o, j);
   for (; j < H; ++j) {
     for (int r = 0; r < R; ++r) {
@@ -365,12 +411,15 @@ inline void rows(const Operands<T, A, M>& o) {
   }
 }
 
-// Rows [r0, r1) of one step, in tiles of kRows rows and then one row at a time.
+// Rows [r0, r1) of one step: tiles of kMaxRows rows, then of 4, 2 and 1.
 template <typename T, Epilogue E, typename A, typename M>
 inline void step_rows(const Operands<T, A, M>& o, int64_t r0, int64_t r1) {
   int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows) rows<T, kRows, E>(o.at_row(r));
-  for (; r < r1; ++r) rows<T, 1, E>(o.at_row(r));
+  for (; r + kMaxRows <= r1; r += kMaxRows) rows<T, kMaxRows, E>(o.at_row(r));
+  if constexpr (kMaxRows > 4)
+    if (r + 4 <= r1) rows<T, 4, E>(o.at_row(r)), r += 4;
+  if (r + 2 <= r1) rows<T, 2, E>(o.at_row(r)), r += 2;
+  if (r < r1) rows<T, 1, E>(o.at_row(r));
 }
 
 // With kFloatScratch<T>, the float state of rows [0, r1): the previous step's and the current
@@ -480,12 +529,193 @@ void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, co
   }
 }
 
+// ---- the weight gradients without GEMM calls (Kernels::grads) --------------------------------
+
+template <typename T> inline compute_t<T> dot(const T* a, const T* b, int64_t n);
+
+// Calls fn(n, prev) for each row n of rows [r0, r1) at every step, prev being the row it continues
+// (h0's row at step 0): the pairs every weight gradient sums over.
+template <typename T, typename F>
+inline void for_each_row(const Sequence& s, const T* h0, const T* y, int64_t r0, int64_t r1, const F& fn) {
+  const int64_t H = s.hidden;
+  int64_t prev_offset = 0;
+  for (int64_t t = 0; t < s.seq_len; ++t) {
+    const Step step = step_at(s, t);
+    const int64_t active = std::min(r1, step.batch_size);
+    if (active <= r0) break;
+    for (int64_t r = r0; r < active; ++r)
+      fn(step.offset + r, t == 0 ? h0 + r * H : y + (prev_offset + r) * H);
+    prev_offset = step.offset;
+  }
+}
+
+// acc[k][j] += sum_n b_n[k] a_n[j] over the rows, for k in [k0, k0 + KR) and the JV vectors of j
+// from j0: KR JV accumulators stay in registers over all rows (a_n: dz's rows, H wide; b_n: the
+// previous states' or the inputs' rows, K wide).
+template <typename T, int KR, int JV, typename C, typename Rows>
+inline void outer_tile(C* acc, const Rows& rows, int64_t H, int64_t k0, int64_t j0) {
+  using V = vec<T>;
+  constexpr int W = kLanes<T>;
+  V sum[KR][JV] = {};
+  rows([&](const T* a, const T* b) {
+    V col[JV];
+    for (int v = 0; v < JV; ++v) col[v] = load(a + j0 + v * W);
+    for (int kr = 0; kr < KR; ++kr) {
+      const V p = splat<V>(widen(b[k0 + kr]));
+      for (int v = 0; v < JV; ++v) sum[kr][v] += p * col[v];
+    }
+  });
+  for (int kr = 0; kr < KR; ++kr)
+    for (int v = 0; v < JV; ++v) {
+      C* out = acc + (k0 + kr) * H + j0 + v * W;
+      for (int i = 0; i < W; ++i) out[i] += sum[kr][v][i];
+    }
+}
+
+// acc [K][H] += sum_n b_n^T a_n over the rows (grad W^T of a product whose input rows are b_n).
+template <typename T, typename C, typename Rows>
+void outer_sum(C* acc, const Rows& rows, int64_t H, int64_t K) {
+  constexpr int W = kLanes<T>;
+  constexpr int KR = kRegisters == 32 ? 8 : 4;
+  int64_t j = 0;
+  for (; j + 2 * W <= H; j += 2 * W) {
+    int64_t k = 0;
+    for (; k + KR <= K; k += KR) outer_tile<T, KR, 2>(acc, rows, H, k, j);
+    for (; k < K; ++k) outer_tile<T, 1, 2>(acc, rows, H, k, j);
+  }
+  for (; j + W <= H; j += W) {
+    int64_t k = 0;
+    for (; k + KR <= K; k += KR) outer_tile<T, KR, 1>(acc, rows, H, k, j);
+    for (; k < K; ++k) outer_tile<T, 1, 1>(acc, rows, H, k, j);
+  }
+  if (j < H)
+    rows([&](const T* a, const T* b) {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t jj = j; jj < H; ++jj) acc[k * H + jj] += widen(b[k]) * widen(a[jj]);
+    });
+}
+
+// out[r][c] = sum_j a[r][j] m[j][c] for `count` rows of a (row stride H) and m [H][width]: each
+// tile of R rows and NV vectors of c keeps its sums in registers over j.
+template <typename T, int R, int NV>
+inline void product_tile(const T* a, int64_t H, const T* m, int64_t width, T* out, int64_t c) {
+  using V = vec<T>;
+  constexpr int W = kLanes<T>;
+  V sum[R][NV] = {};
+  for (int64_t j = 0; j < H; ++j) {
+    V col[NV];
+    for (int v = 0; v < NV; ++v) col[v] = load(m + j * width + c + v * W);
+    for (int r = 0; r < R; ++r) {
+      const V p = splat<V>(widen(a[r * H + j]));
+      for (int v = 0; v < NV; ++v) sum[r][v] += p * col[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(out + r * width + c + v * W, sum[r][v]);
+}
+
+// The columns of m past its last full vector, transposed ([c][j]), so that each of their sums
+// is a dot product over contiguous j: with a narrow m (grad x at input size 1) these are all the
+// columns, and a scalar loop over j would be one long chain of dependent multiply-adds.
+template <typename T>
+std::vector<T> tail_columns(const T* m, int64_t H, int64_t width, int64_t c0) {
+  std::vector<T> t((width - c0) * H);
+  for (int64_t c = c0; c < width; ++c)
+    for (int64_t j = 0; j < H; ++j) t[(c - c0) * H + j] = m[j * width + c];
+  return t;
+}
+
+template <typename T, int R>
+inline void product_rows(const T* a, int64_t H, const T* m, int64_t width, const T* tail, T* out) {
+  constexpr int W = kLanes<T>;
+  int64_t c = 0;
+  for (; c + 2 * W <= width; c += 2 * W) product_tile<T, R, 2>(a, H, m, width, out, c);
+  for (; c + W <= width; c += W) product_tile<T, R, 1>(a, H, m, width, out, c);
+  for (const int64_t c0 = c; c < width; ++c)
+    for (int r = 0; r < R; ++r) out[r * width + c] = narrow<T>(dot(a + r * H, tail + (c - c0) * H, H));
+}
+
+// out = a m for `count` rows of a (row stride H), m [H][width].
+template <typename T>
+void product(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T* out) {
+  constexpr int W = kLanes<T>;
+  const std::vector<T> tail = tail_columns(m, H, width, width / W * W);
+  int64_t r = 0;
+  for (; r + kMaxRows <= count; r += kMaxRows)
+    product_rows<T, kMaxRows>(a + r * H, H, m, width, tail.data(), out + r * width);
+  if constexpr (kMaxRows > 4)
+    if (r + 4 <= count) product_rows<T, 4>(a + r * H, H, m, width, tail.data(), out + r * width), r += 4;
+  for (; r < count; ++r) product_rows<T, 1>(a + r * H, H, m, width, tail.data(), out + r * width);
+}
+
+template <typename T>
+void grads(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h0, const T* y, const T* w_ih,
+           const T* w_hh, void* acc_v, T* grad_x, T* grad_h0, int64_t r0, int64_t r1) {
+  using C = typename Accumulator<T>::type;
+  using V = vec<T>;
+  constexpr int W = kLanes<T>;
+  const int64_t H = s.hidden, I = input;
+  C* acc = static_cast<C*>(acc_v);
+  C* acc_hh = acc;
+  C* acc_ih = acc + H * H;
+  C* acc_b = acc_ih + I * H;
+  // grad W_hh: dz rows against the states they continue; grad W_ih: against the inputs.
+  outer_sum<T>(acc_hh, [&](const auto& fn) { for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T* prev) { fn(dz + n * H, prev); }); }, H, H);
+  outer_sum<T>(acc_ih, [&](const auto& fn) { for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T*) { fn(dz + n * H, x + n * I); }); }, H, I);
+  // grad b, and grad x row by row (rows of a step are contiguous).
+  {
+    int64_t j = 0;
+    for (; j + W <= H; j += W) {
+      V sum{};
+      for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T*) { sum += load(dz + n * H + j); });
+      for (int i = 0; i < W; ++i) acc_b[j + i] += sum[i];
+    }
+    for (; j < H; ++j) {
+      C sum = 0;
+      for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T*) { sum += widen(dz[n * H + j]); });
+      acc_b[j] += sum;
+    }
+  }
+  product(dz + r0 * H, r1 - r0, H, w_hh, H, grad_h0 + r0 * H);  // step 0's rows are rows [0, B)
+  if (!grad_x) return;
+  if (r0 == 0 && r1 == s.batch) {  // all rows: one block, so that tiles span steps (at B = 1 too)
+    const Step last = step_at(s, s.seq_len - 1);
+    const int64_t n = last.offset + last.batch_size;
+    product(dz, n, H, w_ih, I, grad_x);
+    return;
+  }
+  for (int64_t t = 0; t < s.seq_len; ++t) {
+    const Step step = step_at(s, t);
+    const int64_t active = std::min(r1, step.batch_size);
+    if (active <= r0) break;
+    const int64_t n = step.offset + r0;
+    product(dz + n * H, active - r0, H, w_ih, I, grad_x + n * I);
+  }
+}
+
+template <typename T>
+void grads_finish(const void* acc_v, int64_t parts, int64_t stride, int64_t H, int64_t I, T* grad_w_hh,
+                  T* grad_w_ih, T* grad_b) {
+  using C = typename Accumulator<T>::type;
+  const C* acc = static_cast<const C*>(acc_v);
+  auto total = [&](int64_t i) {
+    C sum = acc[i];
+    for (int64_t p = 1; p < parts; ++p) sum += acc[p * stride + i];
+    return sum;
+  };
+  for (int64_t j = 0; j < H; ++j)
+    for (int64_t k = 0; k < H; ++k) grad_w_hh[j * H + k] = narrow<T>(total(k * H + j));
+  for (int64_t j = 0; j < H; ++j)
+    for (int64_t i = 0; i < I; ++i) grad_w_ih[j * I + i] = narrow<T>(total(H * H + i * H + j));
+  for (int64_t j = 0; j < H; ++j) grad_b[j] = narrow<T>(total(H * H + I * H + j));
+}
+
 template <typename T>
 void project_univariate(T* out, const T* x, const T* w, const T* b, int64_t rows, int64_t hidden) {
   using V = vec<T>;
   constexpr int W = kLanes<T>;
   for (int64_t n = 0; n < rows; ++n) {
-    const V xn = V{} + widen(x[n]);
+    const V xn = splat<V>(widen(x[n]));
     T* o = out + n * hidden;
     int64_t j = 0;
     for (; j + W <= hidden; j += W) store(o + j, (b ? load(b + j) : V{}) + xn * load(w + j));
@@ -560,7 +790,8 @@ constexpr Kernels<T> kernels_for() {
   constexpr Matrix matrix = std::is_same_v<T, bf16> && kPairs ? Matrix::kBf16Pairs
                             : kFloatScratch<T>                 ? Matrix::kFloat
                                                                : Matrix::kStorage;
-  return {&forward<T>, &backward<T>, &project_univariate<T>, &activate<T>, &mul_dact<T>, &cell<T>, matrix};
+  return {&forward<T>,  &backward<T>, &project_univariate<T>, &activate<T>, &mul_dact<T>,
+          &cell<T>,     &grads<T>,    &grads_finish<T>,       matrix};
 }
 
 }  // namespace

@@ -21,6 +21,12 @@ struct f16 {
   uint16_t bits;
 };
 
+// What grads accumulates in: double for float64, float for the others.
+template <typename T> struct Accumulator { using type = float; };
+template <> struct Accumulator<double> { using type = double; };
+// The number of Accumulator values grads fills: grad W_hh, grad W_ih and grad b.
+inline int64_t grads_size(int64_t hidden, int64_t input) { return hidden * hidden + input * hidden + hidden; }
+
 // The recurrent matrix m (forward: W_hh^T, backward: W_hh) as a kernel table takes it:
 //   kStorage    row-major [H][H] in the storage type T
 //   kFloat      row-major [H][H] in float32 (16-bit kernels without pairwise instructions)
@@ -73,6 +79,21 @@ struct Kernels {
   //   y  [batch, hidden] out; must not alias x or h
   void (*cell)(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* y,
                int64_t batch, int64_t input, int64_t hidden, bool relu);
+  // The weight gradients of rows [r0, r1) after backward filled dz, without any GEMM call: for
+  // small layers, where each ATen GEMM's fixed cost exceeds its work (path "fused" of the
+  // gradients). `acc` holds Accumulator<T> values, added to (zero it first):
+  //   [H, H] grad W_hh transposed ([k][j] = sum_n dz[n][j] h_prev[n][k]), then
+  //   [I, H] grad W_ih transposed, then [H] grad b
+  // so threads on disjoint row ranges each fill their own and grads_finish sums them.
+  //   input    I;  x [N, I], h0 [B, H], y [N, H] the forward's output, w_ih [H, I], w_hh [H, H]
+  //   grad_x   [N, I] out for these rows (dz W_ih), or null for none
+  //   grad_h0  [B, H] out for these rows (dz_0 W_hh); every row is active at step 0
+  void (*grads)(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h0, const T* y, const T* w_ih,
+                const T* w_hh, void* acc, T* grad_x, T* grad_h0, int64_t r0, int64_t r1);
+  // Sums `parts` accumulators of grads (each `stride` values after the one before) and writes
+  // grad_w_hh [H, H], grad_w_ih [H, I] and grad_b [H], each value rounded once to T.
+  void (*grads_finish)(const void* acc, int64_t parts, int64_t stride, int64_t hidden, int64_t input, T* grad_w_hh,
+                       T* grad_w_ih, T* grad_b);
   // The type and layout of forward's w_hh_t and backward's w_hh (see Matrix).
   Matrix matrix;
 };

@@ -192,9 +192,11 @@ def _compare_with_torch_backend(T, B, I, H, batch_sizes, dtype, nonlinearity="ta
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("batch_sizes", [None, [8, 8, 6, 5, 5, 3, 1]], ids=["dense", "packed"])
-def test_gemm_path_matches_the_torch_backend(compiled, dtype, batch_sizes):
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("hidden", [128, 131], ids=["H128", "H131"])  # 131: a step's last elements by hand
+def test_gemm_path_matches_the_torch_backend(compiled, dtype, batch_sizes, nonlinearity, hidden):
     assert 128 >= config.get("numba_gemm_min_hidden")
-    _compare_with_torch_backend(7, 8, 5, 128, batch_sizes, dtype)
+    _compare_with_torch_backend(7, 8, 5, hidden, batch_sizes, dtype, nonlinearity)
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])

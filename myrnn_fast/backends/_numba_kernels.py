@@ -515,24 +515,42 @@ def forward_parallel(out, h0, w, batch_sizes, offsets, relu, h_n, chunks, gemm, 
             forward_rows(out, h0, w, batch_sizes, offsets, relu, lo, hi, h_n)
 
 
+@njit(inline="always", **_KERNEL)
+def _epilogue(acc, a0, init, i0, dst, y, count, relu, backward):
+    """After a step's GEMM, count flat elements from a0 of acc and i0 of the rest:
+    dst = epilogue(init + acc) as in :func:`_step`, in vectors, the last count % lanes by hand."""
+    step = _lanes(acc)
+    vectors = count - count % step
+    for i in range(0, vectors, step):
+        _finish(dst, y, i0 + i, _vadd(_vload(init, i0 + i), _vload(acc, a0 + i)), relu, backward)
+    for i in range(vectors, count):
+        v = init[i0 + i] + acc[a0 + i]
+        if backward:
+            yi = y[i0 + i]
+            if relu:
+                v = 0 if yi <= 0 else v  # threshold_backward: a NaN output lets it through
+            else:
+                v *= 1 - yi * yi
+        elif relu:
+            v = 0 if v < 0 else v  # keeps NaN, as torch.relu does
+        else:
+            v = _tanh(v)
+        dst[i0 + i] = v
+
+
 @njit(**_KERNEL)
 def forward_gemm(out, h0, wt, batch_sizes, offsets, relu, lo, hi, h_n, scratch):
     """The same recurrence for rows lo..hi with each step's h_{t-1} @ W_hh^T as one BLAS GEMM
     into the same rows of ``scratch``."""
+    hidden = out.shape[1]
+    flat, acc = out.reshape(out.size), scratch.reshape(scratch.size)
     for t in range(batch_sizes.shape[0]):
         end = min(hi, batch_sizes[t])
         if end <= lo:
             break
         prev = h0[lo:end] if t == 0 else out[offsets[t - 1] + lo : offsets[t - 1] + end]
-        acc = scratch[lo:end]
-        np.dot(prev, wt, acc)
-        cur = out[offsets[t] + lo : offsets[t] + end]
-        for b in range(end - lo):
-            y = cur[b]
-            a = acc[b]
-            for j in range(y.shape[0]):
-                y[j] += a[j]
-            _activate(y, relu)
+        np.dot(prev, wt, scratch[lo:end])
+        _epilogue(acc, lo * hidden, flat, (offsets[t] + lo) * hidden, flat, flat, (end - lo) * hidden, relu, False)
     _final_states(out, h0, batch_sizes, offsets, lo, hi, h_n)
 
 
@@ -619,21 +637,24 @@ def backward_rows(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo
 def backward_gemm(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo, hi, scratch):
     """The reverse recurrence for rows lo..hi with each step's dz_{t+1} @ W_hh as one BLAS GEMM
     into the same rows of ``scratch``."""
+    hidden = dz.shape[1]
     seq_len = batch_sizes.shape[0]
+    dzf, gof, outf, acc = dz.reshape(dz.size), grad_out.reshape(grad_out.size), out.reshape(out.size), scratch.reshape(scratch.size)
     for t in range(seq_len - 1, -1, -1):
         end = min(hi, batch_sizes[t])
         if end <= lo:
             continue
-        following = min(end, batch_sizes[t + 1]) if t + 1 < seq_len else lo
+        following = max(lo, min(end, batch_sizes[t + 1])) if t + 1 < seq_len else lo
+        base = offsets[t]
         if following > lo:
             np.dot(dz[offsets[t + 1] + lo : offsets[t + 1] + following], w, scratch[lo:following])
-        base = offsets[t]
-        for b in range(lo, end):
+            _epilogue(acc, lo * hidden, gof, (base + lo) * hidden, dzf, outf, (following - lo) * hidden, relu, True)
+        for b in range(following, end):
             g = dz[base + b]
             go = grad_out[base + b]
-            src = scratch[b] if b < following else grad_h_n[b]
-            for j in range(g.shape[0]):
-                g[j] = go[j] + src[j]
+            hn = grad_h_n[b]
+            for j in range(hidden):
+                g[j] = go[j] + hn[j]
             _times_dact(g, out[base + b], relu)
 
 

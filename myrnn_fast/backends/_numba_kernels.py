@@ -2,9 +2,10 @@
 
 Two ways through the sequence, for the forward and for the backward:
 
-- :func:`forward_rows` / :func:`backward_rows`: hand loops over a slice of the batch rows across
-  the whole sequence, so the threads of :func:`forward_parallel` / :func:`backward_parallel`, each
-  owning its rows, need no per-step sync; W_hh stays in L1/L2 and no call is paid per step.
+- :func:`forward_rows` / :func:`backward_rows`: a slice of the batch rows across the whole
+  sequence, each step as register tiles (:func:`_step`, over the SIMD vectors below), so the
+  threads of :func:`forward_parallel` / :func:`backward_parallel`, each owning its rows, need no
+  per-step sync; W_hh stays in L1/L2 and no call is paid per step.
 - :func:`forward_gemm` / :func:`backward_gemm`: each step's product with W_hh as one ``np.dot``,
   which Numba lowers to SciPy's BLAS; it wins once the hidden size makes that product a real GEMM.
   The parallel kernels run these on row chunks too, each thread's BLAS call on its own rows.

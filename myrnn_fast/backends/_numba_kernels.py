@@ -338,7 +338,7 @@ def _finish(dst, y, at, acc, relu, backward):
     _vstore(dst, at, acc)
 
 
-@njit(inline="always", **_KERNEL)
+@njit(**_KERNEL)
 def _tile4x2(prev, p0, p1, p2, p3, m, hidden, j, init, dst, y, d0, d1, d2, d3, relu, backward):
     """Four rows by two vectors of columns from j: eight accumulators in registers."""
     jb = j + _lanes(m)
@@ -366,7 +366,7 @@ def _tile4x2(prev, p0, p1, p2, p3, m, hidden, j, init, dst, y, d0, d1, d2, d3, r
     _finish(dst, y, d3 + jb, b3, relu, backward)
 
 
-@njit(inline="always", **_KERNEL)
+@njit(**_KERNEL)
 def _tile4x1(prev, p0, p1, p2, p3, m, hidden, j, init, dst, y, d0, d1, d2, d3, relu, backward):
     """Four rows by one vector of columns from j."""
     a0, a1, a2, a3 = _vload(init, d0 + j), _vload(init, d1 + j), _vload(init, d2 + j), _vload(init, d3 + j)
@@ -382,7 +382,7 @@ def _tile4x1(prev, p0, p1, p2, p3, m, hidden, j, init, dst, y, d0, d1, d2, d3, r
     _finish(dst, y, d3 + j, a3, relu, backward)
 
 
-@njit(inline="always", **_KERNEL)
+@njit(**_KERNEL)
 def _tile1x4(prev, p, m, hidden, j, init, dst, y, d, relu, backward):
     """One row by four vectors of columns from j. A row alone has no other work to hide the
     FMAs' latency behind, so four k apart accumulate apart: sixteen chains, not four."""
@@ -420,7 +420,7 @@ def _tile1x4(prev, p, m, hidden, j, init, dst, y, d, relu, backward):
     _finish(dst, y, d + j3, _vadd(_vadd(a3, b3), _vadd(c3, e3)), relu, backward)
 
 
-@njit(inline="always", **_KERNEL)
+@njit(**_KERNEL)
 def _tile1x1(prev, p, m, hidden, j, init, dst, y, d, relu, backward):
     """One row by one vector of columns from j."""
     a = _vload(init, d + j)
@@ -449,7 +449,7 @@ def _columns_by_hand(prev, p, m, hidden, j0, init, dst, y, d, relu, backward):
         dst[d + j] = acc
 
 
-@njit(inline="always", **_KERNEL)
+@njit(**_KERNEL)
 def _step(prev, prow, m, hidden, init, dst, y, drow, n, relu, backward):
     """Rows drow..drow+n of dst from rows prow..prow+n of prev (see the section's comment)."""
     step = _lanes(m)

@@ -146,14 +146,18 @@ def test_direct_call_with_a_tensor_on_another_device_raises():
         _numba.layer(*args, None, None, "tanh")
 
 
-def test_float32_tanh_within_one_ulp_of_torch(compiled):
+@pytest.mark.parametrize("hidden", [1, 16, 48], ids=["by hand", "one vector", "tiles"])
+def test_float32_tanh_within_one_ulp_of_torch(compiled, hidden):
     x = torch.linspace(-12, 12, 200_001, dtype=torch.float32)
-    x = torch.cat([x, torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e-30])])
-    # One step, H = 1, a row per element, h0 = 0: the forward kernel computes tanh(x) alone.
-    col = x.clone().view(-1, 1)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, 0.2499999, 0.25, 0.2500001])
+    x = torch.cat([x, specials, -specials[3:]])
+    x = torch.cat([x, torch.zeros(-x.numel() % hidden)])
+    # One step, h0 = 0, W_hh = 0: the forward kernel computes tanh(x) alone, H columns a row
+    # (H = 1: the scalar columns; 16: one float32 vector a row; 48: the four-row tiles).
+    col = x.clone().view(-1, hidden)
     batch_sizes, offsets = _numba._plan([col.shape[0]])
-    _numba_kernels.forward_rows(col.numpy(), torch.zeros_like(col).numpy(), torch.zeros(1, 1).numpy(), batch_sizes,
-                                offsets, False, 0, col.shape[0], torch.empty_like(col).numpy())
+    _numba_kernels.forward_rows(col.numpy(), torch.zeros_like(col).numpy(), torch.zeros(hidden, hidden).numpy(),
+                                batch_sizes, offsets, False, 0, col.shape[0], torch.empty_like(col).numpy())
     expected = torch.tanh(x)
     got = col.view(-1)
     assert torch.equal(got.isnan(), expected.isnan())
@@ -161,6 +165,7 @@ def test_float32_tanh_within_one_ulp_of_torch(compiled):
     ulp = torch.finfo(torch.float32).eps / 2  # spacing just below 1
     assert (got[finite] - expected[finite]).abs().max().item() <= max(ulp, 1e-7)
     assert bool((got[finite].abs() <= 1).all())
+    assert torch.equal(got[finite].sign(), expected[finite].sign())  # odd, and tanh(+-0) = +-0 in value
 
 
 def _compare_with_torch_backend(T, B, I, H, batch_sizes, dtype, nonlinearity="tanh"):
@@ -187,9 +192,11 @@ def _compare_with_torch_backend(T, B, I, H, batch_sizes, dtype, nonlinearity="ta
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("batch_sizes", [None, [8, 8, 6, 5, 5, 3, 1]], ids=["dense", "packed"])
-def test_gemm_path_matches_the_torch_backend(compiled, dtype, batch_sizes):
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("hidden", [128, 131], ids=["H128", "H131"])  # 131: a step's last elements by hand
+def test_gemm_path_matches_the_torch_backend(compiled, dtype, batch_sizes, nonlinearity, hidden):
     assert 128 >= config.get("numba_gemm_min_hidden")
-    _compare_with_torch_backend(7, 8, 5, 128, batch_sizes, dtype)
+    _compare_with_torch_backend(7, 8, 5, hidden, batch_sizes, dtype, nonlinearity)
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
@@ -200,6 +207,25 @@ def test_parallel_path_matches_the_torch_backend(compiled, nonlinearity, batch_s
     if _numba._threads(B, rows * H * H) < 2:
         pytest.skip("a single torch thread here: the parallel path does not run")
     _compare_with_torch_backend(T, B, 3, H, batch_sizes, torch.float64, nonlinearity)
+
+
+# The vector tiles by rows and columns (float32 vectors hold 16 lanes, float64 8): four-row
+# tiles of one or two vectors, one-row tiles of one or four, and the H % lanes columns by hand,
+# with the last four-row block repeating its last row (B % 4 != 0), and packed steps whose row
+# counts fall through 4.
+_TILE_CASES = [(9, 48), (6, 40), (5, 21), (2, 64), (3, 70), (1, 17), (4, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("batch_hidden", _TILE_CASES, ids=[f"B{b}-H{h}" for b, h in _TILE_CASES])
+def test_vector_tiles_match_the_torch_backend(compiled, batch_hidden, nonlinearity, dtype):
+    B, H = batch_hidden
+    assert H < config.get("numba_gemm_min_hidden")
+    _compare_with_torch_backend(6, B, 3, H, None, dtype, nonlinearity)
+    if B > 1:
+        sizes = [B, B, max(B - 1, 1), max(B - 3, 1), 1]
+        _compare_with_torch_backend(len(sizes), B, 3, H, sizes, dtype, nonlinearity)
 
 
 def _cell_case(B, I, H, dtype, bias, nonlinearity, seed=0):

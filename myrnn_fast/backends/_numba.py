@@ -135,8 +135,18 @@ def _plan(batch_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 def _dense_plan(seq_len: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_plan` of ``[batch] * seq_len`` without the list, which costs more than a short
-    sequence's whole recurrence once T is in the hundreds."""
-    return np.full(seq_len, batch, dtype=np.int64), np.arange(seq_len, dtype=np.int64) * batch
+    sequence's whole recurrence once T is in the hundreds. Kept per shape (the kernels never
+    write it): building it costs as much as a small layer's recurrence."""
+    plan = _dense_plans.get((seq_len, batch))
+    if plan is None:
+        if len(_dense_plans) >= 64:
+            _dense_plans.clear()
+        plan = np.full(seq_len, batch, dtype=np.int64), np.arange(seq_len, dtype=np.int64) * batch
+        _dense_plans[seq_len, batch] = plan
+    return plan
+
+
+_dense_plans: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _view(t: Tensor) -> np.ndarray:
@@ -155,7 +165,7 @@ def _recurrence(rows, h0, w_ih, w_hh, b_ih, b_hh, plan, relu) -> tuple[Tensor, T
     batch, hidden = h0.shape
     out_, h0_, h_n_ = _view(out), _view(h0c), _view(h_n)
     gemm = _use_gemm(hidden)
-    w = _view(w_hh.t().contiguous() if gemm else w_hh.contiguous())
+    w = _view(w_hh.t().contiguous())  # W_hh^T: the GEMM's right operand, and the tiles' rows k
     chunks = _threads(batch, out.shape[0] * hidden * hidden)
     if chunks > 1:
         numba.set_num_threads(chunks)
@@ -204,7 +214,7 @@ def _reverse_recurrence(plan, relu, grad_out, grad_h_n, w_hh, out) -> Tensor:
     dz = torch.empty_like(out)
     dz_ = _view(dz)
     gemm = _use_gemm(hidden)
-    w = _view(w_hh.contiguous() if gemm else w_hh.t().contiguous())
+    w = _view(w_hh.contiguous())
     chunks = _threads(batch, out.shape[0] * hidden * hidden)
     if chunks > 1:
         numba.set_num_threads(chunks)

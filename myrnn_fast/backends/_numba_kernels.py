@@ -2,9 +2,10 @@
 
 Two ways through the sequence, for the forward and for the backward:
 
-- :func:`forward_rows` / :func:`backward_rows`: hand loops over a slice of the batch rows across
-  the whole sequence, so the threads of :func:`forward_parallel` / :func:`backward_parallel`, each
-  owning its rows, need no per-step sync; W_hh stays in L1/L2 and no call is paid per step.
+- :func:`forward_rows` / :func:`backward_rows`: a slice of the batch rows across the whole
+  sequence, each step as register tiles (:func:`_step`, over the SIMD vectors below), so the
+  threads of :func:`forward_parallel` / :func:`backward_parallel`, each owning its rows, need no
+  per-step sync; W_hh stays in L1/L2 and no call is paid per step.
 - :func:`forward_gemm` / :func:`backward_gemm`: each step's product with W_hh as one ``np.dot``,
   which Numba lowers to SciPy's BLAS; it wins once the hidden size makes that product a real GEMM.
   The parallel kernels run these on row chunks too, each thread's BLAS call on its own rows.
@@ -23,17 +24,22 @@ process pays the JIT.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numba.extending
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, models, register_model
 
 # contract: fused multiply-add; reassoc: vectorized dot products. No "nnan"/"ninf": NaN and Inf
 # must propagate as in torch.
 _FASTMATH = {"contract", "reassoc", "arcp"}
-_KERNEL = dict(nogil=True, cache=True, fastmath=_FASTMATH)
+# error_model="numpy": a float division is IEEE's, not a branch that may raise
+# ZeroDivisionError, which kept every loop with a division from vectorizing.
+_KERNEL = dict(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 
 # float32 tanh(x) = x P(x^2) / Q(x^2), evaluated in float64 on |x| <= 9.5 and rounded once; the
 # (5, 5) rational was fitted for this file (Lawson-weighted least squares on the relative error)
@@ -79,6 +85,214 @@ def _tanh_for(x):
     return lambda x: np.tanh(x)
 
 
+# ---------------------------------------------------------------------------------------------
+# SIMD vectors. Numba has no vector type, and LLVM does not keep hand-looped accumulators in
+# registers (the rows it would accumulate into may alias the rows it reads). So the kernels hold
+# their accumulators as LLVM vectors of one cache line (16 float32 or 8 float64 lanes; on AVX2
+# LLVM splits each in two), through the few operations below. Loads and stores take a flat
+# element index into a 1-D C-contiguous array and check nothing: the callers keep in bounds.
+
+
+class _Vec(types.Type):
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.lanes = _LANES[dtype]
+        super().__init__(name=f"vec({dtype} x {self.lanes})")
+
+
+_LANES = {types.float32: 16, types.float64: 8}
+
+
+@register_model(_Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.lanes))
+
+
+def _element_pointer(context, builder, arytype, ary, index):
+    data = context.make_array(arytype)(context, builder, ary).data
+    return builder.gep(data, [index], inbounds=True)
+
+
+@intrinsic
+def _lanes(typingctx, ary):
+    """How many lanes a vector of ``ary``'s dtype has (a compile-time constant)."""
+    lanes = _LANES[ary.dtype]
+    return types.intp(ary), lambda context, builder, sig, args: context.get_constant(types.intp, lanes)
+
+
+@intrinsic
+def _vload(typingctx, ary, index):
+    """ary[index : index + lanes] as a vector."""
+    vec = _Vec(ary.dtype)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        vtype = context.get_value_type(vec)
+        return builder.load(builder.bitcast(ptr, vtype.as_pointer()), align=ary.dtype.bitwidth // 8, typ=vtype)
+
+    return vec(ary, types.intp), codegen
+
+
+@intrinsic
+def _vstore(typingctx, ary, index, value):
+    """ary[index : index + lanes] = value."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(ptr, args[2].type.as_pointer()), align=ary.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(ary, types.intp, value), codegen
+
+
+@intrinsic
+def _vbroadcast(typingctx, ary, index):
+    """ary[index] in every lane."""
+    vec = _Vec(ary.dtype)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        vtype = context.get_value_type(vec)
+        scalar = builder.load(ptr, typ=vtype.element)
+        return _splat(builder, vtype, scalar)
+
+    return vec(ary, types.intp), codegen
+
+
+def _splat(builder, vtype, scalar):
+    one = builder.insert_element(ir.Constant(vtype, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vtype, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), vtype.count), [0] * vtype.count))
+
+
+def _intrinsic_name(base, vtype):
+    bits = 64 if isinstance(vtype.element, ir.DoubleType) else 32
+    return f"{base}.v{vtype.count}f{bits}"
+
+
+@intrinsic
+def _vfma(typingctx, a, b, c):
+    """a * b + c, fused (one rounding), lane by lane."""
+
+    def codegen(context, builder, sig, args):
+        vtype = args[0].type
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vtype, [vtype] * 3),
+                                            _intrinsic_name("llvm.fma", vtype))
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
+def _vconst(vtype, value):
+    return ir.Constant(vtype, [ir.Constant(vtype.element, value)] * vtype.count)
+
+
+@intrinsic
+def _vrelu(typingctx, v):
+    """max(v, 0) lane by lane, NaN kept (``v < 0`` is false for NaN), as torch.relu."""
+
+    def codegen(context, builder, sig, args):
+        (v,) = args
+        zero = _vconst(v.type, 0.0)
+        return builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
+
+    return v(v), codegen
+
+
+@intrinsic
+def _vtanh(typingctx, v):
+    """tanh lane by lane. float32: sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) in float32
+    vectors, and an odd Taylor series below |x| = 1/4, where 1 - e would cancel (the cpp
+    kernels' tanh_vec, csrc/kernels/cpu/rnn_cpu_kernels.cpp); NaN stays NaN, +-Inf gives +-1.
+    float64: libm's tanh one lane at a time (float64 is for checking, not for speed)."""
+
+    def codegen(context, builder, sig, args):
+        (x,) = args
+        vtype = x.type
+        if sig.args[0].dtype == types.float64:
+            tanh = context.get_function(math.tanh, types.float64(types.float64))
+            for lane in range(vtype.count):
+                index = ir.Constant(ir.IntType(32), lane)
+                x = builder.insert_element(x, tanh(builder, [builder.extract_element(x, index)]), index)
+            return x
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vtype, [vtype] * 3),
+                                             _intrinsic_name("llvm.fma", vtype))
+        ints = ir.VectorType(ir.IntType(32), vtype.count)
+
+        def c(value):
+            return _vconst(vtype, value)
+
+        def horner(t, coefficients):  # coefficients from the highest power down
+            p = c(coefficients[0])
+            for k in coefficients[1:]:
+                p = builder.call(fma, [p, t, c(k)])
+            return p
+
+        bits = builder.bitcast(x, ints)
+        sign = builder.and_(bits, ir.Constant(ints, [ir.Constant(ir.IntType(32), -(1 << 31))] * vtype.count))
+        ax = builder.bitcast(builder.and_(bits, ir.Constant(ints, [ir.Constant(ir.IntType(32), (1 << 31) - 1)] * vtype.count)), vtype)
+        a = builder.fmul(c(-2.0), ax)
+        a = builder.select(builder.fcmp_ordered("<", a, c(-87.0)), c(-87.0), a)  # e underflows below
+        # exp(a) = 2^n exp(r), |r| <= ln2/2; adding and subtracting 1.5 * 2^23 rounds to an integer.
+        n = builder.fsub(builder.call(fma, [a, c(1.44269504), c(12582912.0)]), c(12582912.0))
+        r = builder.call(fma, [builder.fsub(c(0.0), n), c(0.693145752), a])
+        r = builder.call(fma, [builder.fsub(c(0.0), n), c(1.42860677e-6), r])
+        p = horner(r, [1 / 40320, 1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0])
+        scale = builder.shl(builder.add(builder.fptosi(n, ints), ir.Constant(ints, [ir.Constant(ir.IntType(32), 127)] * vtype.count)),
+                            ir.Constant(ints, [ir.Constant(ir.IntType(32), 23)] * vtype.count))
+        e = builder.fmul(p, builder.bitcast(scale, vtype))
+        big = builder.fdiv(builder.fsub(c(1.0), e), builder.fadd(c(1.0), e))
+        big = builder.bitcast(builder.or_(builder.bitcast(big, ints), sign), vtype)
+        x2 = builder.fmul(x, x)
+        s = horner(x2, [-1382 / 155925, 62 / 2835, -17 / 315, 2 / 15, -1 / 3])
+        small = builder.call(fma, [builder.fmul(x, x2), s, x])
+        return builder.select(builder.fcmp_ordered("<", ax, c(0.25)), small, big)
+
+    return v(v), codegen
+
+
+def _clamp(builder, v, bound):
+    hi, lo = _vconst(v.type, bound), _vconst(v.type, -bound)
+    v = builder.select(builder.fcmp_ordered(">", v, hi), hi, v)
+    return builder.select(builder.fcmp_ordered("<", v, lo), lo, v)
+
+
+@intrinsic
+def _vtimes_dtanh(typingctx, g, y):
+    """g * (1 - y^2): the gradient through tanh, from its output y."""
+
+    def codegen(context, builder, sig, args):
+        g, y = args
+        return builder.fmul(g, builder.fsub(_vconst(y.type, 1.0), builder.fmul(y, y)))
+
+    return g(g, y), codegen
+
+
+@intrinsic
+def _vtimes_drelu(typingctx, g, y):
+    """g where y > 0, else 0; a NaN output lets the gradient through, as torch's threshold_backward."""
+
+    def codegen(context, builder, sig, args):
+        g, y = args
+        zero = _vconst(y.type, 0.0)
+        return builder.select(builder.fcmp_ordered("<=", y, zero), zero, g)
+
+    return g(g, y), codegen
+
+
+@intrinsic
+def _vzero(typingctx, ary):
+    """A vector of zeros of ``ary``'s dtype."""
+    vec = _Vec(ary.dtype)
+    return vec(ary), lambda context, builder, sig, args: _vconst(context.get_value_type(vec), 0.0)
+
+
+@intrinsic
+def _vadd(typingctx, a, b):
+    return a(a, b), lambda context, builder, sig, args: builder.fadd(*args)
+
+
 @njit(inline="always", **_KERNEL)
 def _activate(row, relu):
     """The nonlinearity in place over one row."""
@@ -101,27 +315,189 @@ def _final_states(out, h0, batch_sizes, offsets, lo, hi, h_n):
         h_n[b] = out[offsets[t] + b] if t >= 0 else h0[b]
 
 
+# ---------------------------------------------------------------------------------------------
+# One step for a run of rows, shared by the forward and the backward:
+#
+#     dst[d + r] = epilogue(init[d + r] + prev[p + r] @ m)        for r < n
+#
+# forward: init = dst = out (the input projection, replaced by the output), prev the previous
+# step's rows, m = W_hh^T, epilogue the nonlinearity. backward: init = grad_out, dst = dz, prev
+# the next step's dz, m = W_hh, epilogue the product with act'(y), y the saved output. All are
+# flat 1-D views (row r of an [N, H] array starts at r * H). Rows go four at a time (the last
+# block repeats its last row: each tile loads before it stores, so a repeated row writes the
+# same values twice), columns a vector or two at a time, any last H % lanes columns by hand.
+
+
+@njit(inline="always", **_KERNEL)
+def _finish(dst, y, at, acc, relu, backward):
+    if backward:
+        yv = _vload(y, at)
+        acc = _vtimes_drelu(acc, yv) if relu else _vtimes_dtanh(acc, yv)
+    else:
+        acc = _vrelu(acc) if relu else _vtanh(acc)
+    _vstore(dst, at, acc)
+
+
 @njit(**_KERNEL)
-def forward_rows(out, h0, w, batch_sizes, offsets, relu, lo, hi, h_n):
+def _tile4x2(prev, p0, p1, p2, p3, m, hidden, j, init, dst, y, d0, d1, d2, d3, relu, backward):
+    """Four rows by two vectors of columns from j: eight accumulators in registers."""
+    jb = j + _lanes(m)
+    a0, b0 = _vload(init, d0 + j), _vload(init, d0 + jb)
+    a1, b1 = _vload(init, d1 + j), _vload(init, d1 + jb)
+    a2, b2 = _vload(init, d2 + j), _vload(init, d2 + jb)
+    a3, b3 = _vload(init, d3 + j), _vload(init, d3 + jb)
+    for k in range(hidden):
+        wa, wb = _vload(m, k * hidden + j), _vload(m, k * hidden + jb)
+        s = _vbroadcast(prev, p0 + k)
+        a0, b0 = _vfma(s, wa, a0), _vfma(s, wb, b0)
+        s = _vbroadcast(prev, p1 + k)
+        a1, b1 = _vfma(s, wa, a1), _vfma(s, wb, b1)
+        s = _vbroadcast(prev, p2 + k)
+        a2, b2 = _vfma(s, wa, a2), _vfma(s, wb, b2)
+        s = _vbroadcast(prev, p3 + k)
+        a3, b3 = _vfma(s, wa, a3), _vfma(s, wb, b3)
+    _finish(dst, y, d0 + j, a0, relu, backward)
+    _finish(dst, y, d0 + jb, b0, relu, backward)
+    _finish(dst, y, d1 + j, a1, relu, backward)
+    _finish(dst, y, d1 + jb, b1, relu, backward)
+    _finish(dst, y, d2 + j, a2, relu, backward)
+    _finish(dst, y, d2 + jb, b2, relu, backward)
+    _finish(dst, y, d3 + j, a3, relu, backward)
+    _finish(dst, y, d3 + jb, b3, relu, backward)
+
+
+@njit(**_KERNEL)
+def _tile4x1(prev, p0, p1, p2, p3, m, hidden, j, init, dst, y, d0, d1, d2, d3, relu, backward):
+    """Four rows by one vector of columns from j."""
+    a0, a1, a2, a3 = _vload(init, d0 + j), _vload(init, d1 + j), _vload(init, d2 + j), _vload(init, d3 + j)
+    for k in range(hidden):
+        w = _vload(m, k * hidden + j)
+        a0 = _vfma(_vbroadcast(prev, p0 + k), w, a0)
+        a1 = _vfma(_vbroadcast(prev, p1 + k), w, a1)
+        a2 = _vfma(_vbroadcast(prev, p2 + k), w, a2)
+        a3 = _vfma(_vbroadcast(prev, p3 + k), w, a3)
+    _finish(dst, y, d0 + j, a0, relu, backward)
+    _finish(dst, y, d1 + j, a1, relu, backward)
+    _finish(dst, y, d2 + j, a2, relu, backward)
+    _finish(dst, y, d3 + j, a3, relu, backward)
+
+
+@njit(**_KERNEL)
+def _tile1x4(prev, p, m, hidden, j, init, dst, y, d, relu, backward):
+    """One row by four vectors of columns from j. A row alone has no other work to hide the
+    FMAs' latency behind, so four k apart accumulate apart: sixteen chains, not four."""
+    step = _lanes(m)
+    j1, j2, j3 = j + step, j + 2 * step, j + 3 * step
+    a0, a1, a2, a3 = _vload(init, d + j), _vload(init, d + j1), _vload(init, d + j2), _vload(init, d + j3)
+    b0 = b1 = b2 = b3 = c0 = c1 = c2 = c3 = e0 = e1 = e2 = e3 = _vzero(m)
+    k = 0
+    while k + 3 < hidden:
+        at = k * hidden
+        s = _vbroadcast(prev, p + k)
+        a0, a1 = _vfma(s, _vload(m, at + j), a0), _vfma(s, _vload(m, at + j1), a1)
+        a2, a3 = _vfma(s, _vload(m, at + j2), a2), _vfma(s, _vload(m, at + j3), a3)
+        at += hidden
+        s = _vbroadcast(prev, p + k + 1)
+        b0, b1 = _vfma(s, _vload(m, at + j), b0), _vfma(s, _vload(m, at + j1), b1)
+        b2, b3 = _vfma(s, _vload(m, at + j2), b2), _vfma(s, _vload(m, at + j3), b3)
+        at += hidden
+        s = _vbroadcast(prev, p + k + 2)
+        c0, c1 = _vfma(s, _vload(m, at + j), c0), _vfma(s, _vload(m, at + j1), c1)
+        c2, c3 = _vfma(s, _vload(m, at + j2), c2), _vfma(s, _vload(m, at + j3), c3)
+        at += hidden
+        s = _vbroadcast(prev, p + k + 3)
+        e0, e1 = _vfma(s, _vload(m, at + j), e0), _vfma(s, _vload(m, at + j1), e1)
+        e2, e3 = _vfma(s, _vload(m, at + j2), e2), _vfma(s, _vload(m, at + j3), e3)
+        k += 4
+    while k < hidden:
+        s, at = _vbroadcast(prev, p + k), k * hidden
+        a0, a1 = _vfma(s, _vload(m, at + j), a0), _vfma(s, _vload(m, at + j1), a1)
+        a2, a3 = _vfma(s, _vload(m, at + j2), a2), _vfma(s, _vload(m, at + j3), a3)
+        k += 1
+    _finish(dst, y, d + j, _vadd(_vadd(a0, b0), _vadd(c0, e0)), relu, backward)
+    _finish(dst, y, d + j1, _vadd(_vadd(a1, b1), _vadd(c1, e1)), relu, backward)
+    _finish(dst, y, d + j2, _vadd(_vadd(a2, b2), _vadd(c2, e2)), relu, backward)
+    _finish(dst, y, d + j3, _vadd(_vadd(a3, b3), _vadd(c3, e3)), relu, backward)
+
+
+@njit(**_KERNEL)
+def _tile1x1(prev, p, m, hidden, j, init, dst, y, d, relu, backward):
+    """One row by one vector of columns from j."""
+    a = _vload(init, d + j)
+    for k in range(hidden):
+        a = _vfma(_vbroadcast(prev, p + k), _vload(m, k * hidden + j), a)
+    _finish(dst, y, d + j, a, relu, backward)
+
+
+@njit(**_KERNEL)
+def _columns_by_hand(prev, p, m, hidden, j0, init, dst, y, d, relu, backward):
+    """Columns j0.. of one row without vectors: the last H % lanes, or all of a small H."""
+    for j in range(j0, hidden):
+        acc = init[d + j]
+        for k in range(hidden):
+            acc += prev[p + k] * m[k * hidden + j]
+        if backward:
+            yj = y[d + j]
+            if relu:
+                acc = 0 if yj <= 0 else acc  # threshold_backward: a NaN output lets it through
+            else:
+                acc *= 1 - yj * yj
+        elif relu:
+            acc = 0 if acc < 0 else acc  # keeps NaN, as torch.relu does
+        else:
+            acc = _tanh(acc)
+        dst[d + j] = acc
+
+
+@njit(**_KERNEL)
+def _step(prev, prow, m, hidden, init, dst, y, drow, n, relu, backward):
+    """Rows drow..drow+n of dst from rows prow..prow+n of prev (see the section's comment)."""
+    step = _lanes(m)
+    vectors = hidden - hidden % step  # columns the tiles take
+    if n >= 4:
+        for r in range(0, n, 4):
+            last = n - 1
+            p0, d0 = (prow + r) * hidden, (drow + r) * hidden
+            p1, d1 = (prow + min(r + 1, last)) * hidden, (drow + min(r + 1, last)) * hidden
+            p2, d2 = (prow + min(r + 2, last)) * hidden, (drow + min(r + 2, last)) * hidden
+            p3, d3 = (prow + min(r + 3, last)) * hidden, (drow + min(r + 3, last)) * hidden
+            j = 0
+            while j + 2 * step <= vectors:
+                _tile4x2(prev, p0, p1, p2, p3, m, hidden, j, init, dst, y, d0, d1, d2, d3, relu, backward)
+                j += 2 * step
+            if j < vectors:
+                _tile4x1(prev, p0, p1, p2, p3, m, hidden, j, init, dst, y, d0, d1, d2, d3, relu, backward)
+            if vectors < hidden:
+                for i in range(r, min(r + 4, n)):  # each row once: these columns load and store per row
+                    _columns_by_hand(prev, (prow + i) * hidden, m, hidden, vectors, init, dst, y, (drow + i) * hidden,
+                                     relu, backward)
+    else:
+        for i in range(n):
+            p, d = (prow + i) * hidden, (drow + i) * hidden
+            j = 0
+            while j + 4 * step <= vectors:
+                _tile1x4(prev, p, m, hidden, j, init, dst, y, d, relu, backward)
+                j += 4 * step
+            while j < vectors:
+                _tile1x1(prev, p, m, hidden, j, init, dst, y, d, relu, backward)
+                j += step
+            _columns_by_hand(prev, p, m, hidden, vectors, init, dst, y, d, relu, backward)
+
+
+@njit(**_KERNEL)
+def forward_rows(out, h0, wt, batch_sizes, offsets, relu, lo, hi, h_n):
     """Rows lo..hi of the whole sequence. ``out`` holds the input projection (bias included) and
-    becomes the output: out[t, b] = act(out[t, b] + h_{t-1}[b] . w[j]) for every j."""
+    becomes the output: out[t, b] = act(out[t, b] + h_{t-1}[b] @ W_hh^T), ``wt`` being W_hh^T."""
     hidden = out.shape[1]
+    flat, start, m = out.reshape(out.size), h0.reshape(h0.size), wt.reshape(wt.size)
     for t in range(batch_sizes.shape[0]):
         end = min(hi, batch_sizes[t])
         if end <= lo:
             break
-        prev = h0 if t == 0 else out[offsets[t - 1] :]
-        cur = out[offsets[t] :]
-        for b in range(lo, end):
-            h = prev[b]
-            y = cur[b]
-            for j in range(hidden):
-                wj = w[j]
-                acc = y[j]
-                for k in range(hidden):
-                    acc += h[k] * wj[k]
-                y[j] = acc
-            _activate(y, relu)
+        if t == 0:
+            _step(start, lo, m, hidden, flat, flat, flat, offsets[0] + lo, end - lo, relu, False)
+        else:
+            _step(flat, offsets[t - 1] + lo, m, hidden, flat, flat, flat, offsets[t] + lo, end - lo, relu, False)
     _final_states(out, h0, batch_sizes, offsets, lo, hi, h_n)
 
 
@@ -140,24 +516,42 @@ def forward_parallel(out, h0, w, batch_sizes, offsets, relu, h_n, chunks, gemm, 
             forward_rows(out, h0, w, batch_sizes, offsets, relu, lo, hi, h_n)
 
 
+@njit(inline="always", **_KERNEL)
+def _epilogue(acc, a0, init, i0, dst, y, count, relu, backward):
+    """After a step's GEMM, count flat elements from a0 of acc and i0 of the rest:
+    dst = epilogue(init + acc) as in :func:`_step`, in vectors, the last count % lanes by hand."""
+    step = _lanes(acc)
+    vectors = count - count % step
+    for i in range(0, vectors, step):
+        _finish(dst, y, i0 + i, _vadd(_vload(init, i0 + i), _vload(acc, a0 + i)), relu, backward)
+    for i in range(vectors, count):
+        v = init[i0 + i] + acc[a0 + i]
+        if backward:
+            yi = y[i0 + i]
+            if relu:
+                v = 0 if yi <= 0 else v  # threshold_backward: a NaN output lets it through
+            else:
+                v *= 1 - yi * yi
+        elif relu:
+            v = 0 if v < 0 else v  # keeps NaN, as torch.relu does
+        else:
+            v = _tanh(v)
+        dst[i0 + i] = v
+
+
 @njit(**_KERNEL)
 def forward_gemm(out, h0, wt, batch_sizes, offsets, relu, lo, hi, h_n, scratch):
     """The same recurrence for rows lo..hi with each step's h_{t-1} @ W_hh^T as one BLAS GEMM
     into the same rows of ``scratch``."""
+    hidden = out.shape[1]
+    flat, acc = out.reshape(out.size), scratch.reshape(scratch.size)
     for t in range(batch_sizes.shape[0]):
         end = min(hi, batch_sizes[t])
         if end <= lo:
             break
         prev = h0[lo:end] if t == 0 else out[offsets[t - 1] + lo : offsets[t - 1] + end]
-        acc = scratch[lo:end]
-        np.dot(prev, wt, acc)
-        cur = out[offsets[t] + lo : offsets[t] + end]
-        for b in range(end - lo):
-            y = cur[b]
-            a = acc[b]
-            for j in range(y.shape[0]):
-                y[j] += a[j]
-            _activate(y, relu)
+        np.dot(prev, wt, scratch[lo:end])
+        _epilogue(acc, lo * hidden, flat, (offsets[t] + lo) * hidden, flat, flat, (end - lo) * hidden, relu, False)
     _final_states(out, h0, batch_sizes, offsets, lo, hi, h_n)
 
 
@@ -217,33 +611,26 @@ def _times_dact(g, y, relu):
 
 
 @njit(**_KERNEL)
-def backward_rows(dz, grad_out, grad_h_n, out, wt, batch_sizes, offsets, relu, lo, hi):
+def backward_rows(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo, hi):
     """Reverse recurrence for rows lo..hi: dz_t = (grad_out_t + dz_{t+1} @ W_hh) * act'(z_t),
     with grad_h_n in place of dz_{t+1} @ W_hh for a row whose sequence ends at step t."""
     hidden = dz.shape[1]
     seq_len = batch_sizes.shape[0]
+    dzf, gof, outf, m = dz.reshape(dz.size), grad_out.reshape(grad_out.size), out.reshape(out.size), w.reshape(w.size)
     for t in range(seq_len - 1, -1, -1):
         end = min(hi, batch_sizes[t])
         if end <= lo:
             continue
-        following = min(end, batch_sizes[t + 1]) if t + 1 < seq_len else lo
+        following = max(lo, min(end, batch_sizes[t + 1])) if t + 1 < seq_len else lo
         base = offsets[t]
-        nxt = dz[offsets[t + 1] :] if t + 1 < seq_len else dz
-        for b in range(lo, end):
+        if following > lo:
+            _step(dzf, offsets[t + 1] + lo, m, hidden, gof, dzf, outf, base + lo, following - lo, relu, True)
+        for b in range(following, end):
             g = dz[base + b]
             go = grad_out[base + b]
-            if b < following:
-                d = nxt[b]
-                for j in range(hidden):
-                    wj = wt[j]
-                    acc = go[j]
-                    for k in range(hidden):
-                        acc += d[k] * wj[k]
-                    g[j] = acc
-            else:
-                hn = grad_h_n[b]
-                for j in range(hidden):
-                    g[j] = go[j] + hn[j]
+            hn = grad_h_n[b]
+            for j in range(hidden):
+                g[j] = go[j] + hn[j]
             _times_dact(g, out[base + b], relu)
 
 
@@ -251,21 +638,24 @@ def backward_rows(dz, grad_out, grad_h_n, out, wt, batch_sizes, offsets, relu, l
 def backward_gemm(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo, hi, scratch):
     """The reverse recurrence for rows lo..hi with each step's dz_{t+1} @ W_hh as one BLAS GEMM
     into the same rows of ``scratch``."""
+    hidden = dz.shape[1]
     seq_len = batch_sizes.shape[0]
+    dzf, gof, outf, acc = dz.reshape(dz.size), grad_out.reshape(grad_out.size), out.reshape(out.size), scratch.reshape(scratch.size)
     for t in range(seq_len - 1, -1, -1):
         end = min(hi, batch_sizes[t])
         if end <= lo:
             continue
-        following = min(end, batch_sizes[t + 1]) if t + 1 < seq_len else lo
+        following = max(lo, min(end, batch_sizes[t + 1])) if t + 1 < seq_len else lo
+        base = offsets[t]
         if following > lo:
             np.dot(dz[offsets[t + 1] + lo : offsets[t + 1] + following], w, scratch[lo:following])
-        base = offsets[t]
-        for b in range(lo, end):
+            _epilogue(acc, lo * hidden, gof, (base + lo) * hidden, dzf, outf, (following - lo) * hidden, relu, True)
+        for b in range(following, end):
             g = dz[base + b]
             go = grad_out[base + b]
-            src = scratch[b] if b < following else grad_h_n[b]
-            for j in range(g.shape[0]):
-                g[j] = go[j] + src[j]
+            hn = grad_h_n[b]
+            for j in range(hidden):
+                g[j] = go[j] + hn[j]
             _times_dact(g, out[base + b], relu)
 
 

@@ -121,6 +121,33 @@ def test_gradcheck_every_isa_and_path(isa_path):
     assert torch.autograd.gradcheck(fn, tensors)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("H", [256, 300])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_gemm_path_with_packed_weights(threads, H, nonlinearity):
+    # From H = 256 the float32 forward's per-step GEMMs take W_hh packed per thread, one block of
+    # columns each (300 leaves a ragged last block); packed input keeps the plain loop.
+    ref, ours = rnn_pair("cpp", 5, H, nonlinearity=nonlinearity, dtype=torch.float32)
+
+    def make():
+        x = _randn(4, 3, 5, dtype=torch.float32, seed=1)
+        hx = _randn(1, 3, H, dtype=torch.float32, seed=2)
+        return (x, hx), [x, hx]
+
+    def make_packed():
+        seqs = [_randn(n, 5, dtype=torch.float32, seed=10 + n) for n in (4, 3, 1)]
+        return (pack_sequence(seqs),), seqs
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with config.override(cpu_path="gemm"):
+            check_module(ref, ours, make, torch.float32)
+            check_module(ref, ours, make_packed, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_large_batch_is_split_over_threads():
     # Enough rows and work to take the multi-threaded path; torch.nn is the judge (in float64:
     # float32 sums over 2560 rows differ by more than the tolerance in summation order alone).

@@ -18,6 +18,7 @@
 #include "kernels/cpu/rnn_cpu_kernels.h"
 #include "ops/autotune.h"
 #include "ops/knobs.h"
+#include "ops/rnn_cpu_gemm.h"
 #include "ops/rnn_checks.h"
 #include "ops/rnn_layer.h"
 
@@ -247,6 +248,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_gr
   return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b};
 }
 
+
+// The forward's path "gemm" with W_hh packed per thread (ops/rnn_cpu_gemm.h), where it applies:
+// float32, dense input (one batch size for every step: the packing is made for it), and hidden
+// sizes from 256, below which MKL's pack buffer is many times the weight's own size. (The
+// backward keeps the plain loop: its recurrence is a smaller share of its time, beside the
+// gradient GEMMs, and packing W_hh's transpose too did not pay there when measured.)
+template <typename T>
+std::optional<PackedColumns> packed_columns(const Layout& l, const at::Tensor& w) {
+  if constexpr (!std::is_same_v<T, float>) return std::nullopt;
+  if (l.packed || l.seq_len == 0 || l.hidden < 256) return std::nullopt;
+  return PackedColumns::make(w, l.batch);
+}
+
+// y [rows, c1 - c0] at stride `stride` += product (contiguous), row by row, then fn(row, n).
+template <typename F>
+void add_rows(float* y, int64_t stride, const float* product, int64_t rows, int64_t n, const F& fn) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * stride;
+    const float* pr = product + r * n;
+    for (int64_t j = 0; j < n; ++j) yr[j] += pr[j];
+    fn(yr, r, n);
+  }
+}
+
 }  // namespace
 
 // ---- forward --------------------------------------------------------------------------------
@@ -288,6 +313,21 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
         for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
           k.forward(s, ptr<scalar_t>(o), cptr<scalar_t>(h), w_hh_t.const_data_ptr(), ptr<scalar_t>(hn), relu, r0, r1);
         });
+        return;
+      }
+      if (const auto packed = packed_columns<scalar_t>(l, w_hh)) {
+        {  // float32 only (packed_columns says so)
+          const auto& kf = kernels<float>();
+          const int64_t B = l.batch;
+          float* o_ptr = o.data_ptr<float>();
+          for (int64_t t = 0; t < l.seq_len; ++t) {
+            const at::Tensor prev = t == 0 ? h : o.narrow(0, (t - 1) * B, B);
+            packed->step(prev, o_ptr + t * B * H, H, [&](float* y, int64_t stride, const float* p, int64_t c0, int64_t c1) {
+              add_rows(y, stride, p, B, c1 - c0, [&](float* row, int64_t, int64_t n) { kf.activate(row, n, relu); });
+            });
+          }
+          hn.copy_(o.narrow(0, (l.seq_len - 1) * B, B));
+        }
         return;
       }
       gemm_forward(o, h, w_hh, hn, l, [&](const at::Tensor& cur) {

@@ -266,7 +266,7 @@ def peer_result():
     return run(_tiny_grid(shapes=[TINY]), backends=["torch"], peers=[*PEERS_HERE, "compile"])
 
 
-def test_installed_peers_are_checked_then_timed_in_the_same_rounds(peer_result):
+def test_installed_peers_are_checked_then_timed_in_the_same_rounds_or_alone(peer_result):
     rows = {(r["pass"], r["backend"]): r for r in peer_result["results"]}
     assert peer_result["config"]["peers"] == PEERS_HERE  # "compile" named torch.compile, once
     for name in PEERS_HERE:
@@ -278,10 +278,13 @@ def test_installed_peers_are_checked_then_timed_in_the_same_rounds(peer_result):
                            for e in peer_result["skipped"])
                 continue
             row = rows[pass_, name]
-            assert row["peer"] and row["timed"] == "interleaved" and row["error_vs_torch_nn"] <= 1e-3
+            alone = name in peers.ALONE  # JAX: its spinning thread pool would slow the others
+            assert row["peer"] and row["timed"] == ("alone" if alone else "interleaved")
+            assert row["error_vs_torch_nn"] <= 1e-3
             base = rows[pass_, "torch.nn.RNN"]
             assert row["speedup_vs_torch_nn"] == pytest.approx(base["median_ms"] / row["median_ms"])
-            assert row["rounds"] == base["rounds"]  # the same interleaved rounds
+            if not alone:
+                assert row["rounds"] == base["rounds"]  # the same interleaved rounds
             assert (row["compile_s"] is not None) == (name == "torch.compile")
     assert ("fwd", "torch") in rows and not rows["fwd", "torch"]["peer"]
     header = report.summary_table(peer_result)[0]

@@ -3,7 +3,8 @@
 Within each (shape, pass) the baseline and every fast backend run interleaved (see ``timing``).
 The reference loop is timed on its own, after all the interleaved groups: run in the same rounds,
 its allocation churn slows the others (``torch.nn.RNN`` at the article's shape went from 7 ms to
-12-23 ms that way), which would flatter every ratio.
+12-23 ms that way), which would flatter every ratio. So are the peers of ``peers.ALONE`` (JAX),
+last of all, whose spinning thread pool slowed whatever ran next.
 """
 
 from __future__ import annotations
@@ -151,11 +152,15 @@ def run(
     twins = [workloads.float32_twin(name) for name in fast] if dtype in workloads.REDUCED_DTYPES else []
     total = len(groups) + len(reference_groups)
 
-    results, baseline_s = [], {}
+    results, baseline_s, floors = [], {}, {}
+    together = [name for name in peer_names if name not in peers_.ALONE]
+    apart = [name for name in peer_names if name in peers_.ALONE]
+    alone = groups if apart else []  # the cell pass too: it lists the peers' reason to skip it
+    total += sum(pass_ in peers_.PASSES for _, pass_ in alone)
     for index, (shape, pass_) in enumerate(groups, 1):
         impls = [workloads.baseline(pass_), *fast, *twins]
         fns = {impl: workloads.workload(impl, shape, pass_, device, dtype) for impl in impls}
-        checked = _build_peers(peer_names, shape, pass_, device, dtype, skipped, say)
+        checked = _build_peers(together, shape, pass_, device, dtype, skipped, say)
         fns.update({name: peer.fn for name, peer in checked.items()})
         if pass_ == "fwd+bwd":
             fns[FLOOR] = workloads.mm_floor(shape, device, dtype)
@@ -164,6 +169,7 @@ def run(
         gc.collect()
         baseline_s[shape, pass_] = timings[impls[0]].median
         floor_s = timings[FLOOR].median if FLOOR in timings else None
+        floors[shape, pass_] = floor_s
         rows = [
             _row(impl, shape, pass_, timings[impl], baseline_s[shape, pass_], peak, "interleaved", device,
                  workloads.impl_dtype(impl, dtype)[1])
@@ -188,6 +194,26 @@ def run(
         row = _row(REFERENCE, shape, pass_, measured, baseline_s[shape, pass_], peak, "alone", device, dtype)
         results.append(row)
         say(_progress_line(index, total, shape, pass_, [row], started))
+
+    # Last, so that their thread pools spin down with nothing else left to time.
+    index = len(groups) + len(reference_groups)
+    for shape, pass_ in alone:
+        checked = _build_peers(apart, shape, pass_, device, dtype, skipped, say)
+        rows = []
+        for name, peer in checked.items():
+            measured = timing.interleaved({name: peer.fn}, grid.budget_s, grid.min_rounds, grid.max_rounds)[name]
+            row = _row(name, shape, pass_, measured, baseline_s[shape, pass_], peak, "alone", device, dtype)
+            floor_s = floors[shape, pass_]
+            row.update(peer=True, error_vs_torch_nn=peer.error, compile_s=peer.compile_s,
+                       mm_floor_ms=floor_s * 1e3 if floor_s else None,
+                       fraction_of_floor=floor_s / (row["median_ms"] / 1e3) if floor_s else None)
+            rows.append(row)
+        del checked
+        gc.collect()
+        results.extend(rows)
+        if rows:
+            index += 1
+            say(_progress_line(index, total, shape, pass_, rows, started))
 
     order = {name: i for i, name in enumerate(["torch.nn.RNN", "torch.nn.RNNCell", *chosen, *twins, *peer_names])}
     position = {group: i for i, group in enumerate(groups)}

@@ -148,9 +148,10 @@ def pasteable(report: dict) -> str:
         "Each backend cell: **speedup** = `torch.nn` median / backend median (above 1× is faster than "
         "`torch.nn.RNN`, or `torch.nn.RNNCell` for `cell`), then the backend's median time.",
         *(["Peers (what a user might use instead: same weights and data, checked against `torch.nn` "
-           "first, timed in the same rounds) read the same way."] if report["config"].get("peers") else []),
+           "first, timed in the same rounds, but JAX on its own after the rest, since its spinning "
+           "thread pool slows whatever runs next) read the same way."] if report["config"].get("peers") else []),
         *(["**torch.mm floor** (fwd+bwd): the time `torch.mm` alone takes, in the same rounds, for the "
-           "products the pass cannot avoid (input projection, 2·T hidden-state products, dW_ih, dW_hh); "
+           "products the pass cannot avoid (input projection, 2·T hidden-state products, dW_ih, dW_hh, dx); "
            "then the fastest backend's fraction of it (floor / its time: 1 would be all products, "
            "no overhead)."] if "fwd+bwd" in report["config"]["passes"] else []),
         "",

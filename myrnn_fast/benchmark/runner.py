@@ -118,7 +118,8 @@ def run(
     ``backends=None`` times every backend usable on ``device``; the others are listed in
     ``skipped`` with the reason, as are the reference loop's shapes that would take too long.
     ``peers`` (names of :mod:`.peers`) are timed in the same rounds after a check against
-    ``torch.nn``; one not installed, or that disagrees, is listed in ``skipped`` with the reason.
+    ``torch.nn`` (those of ``peers.ALONE`` on their own, last); one not installed, or that
+    disagrees, is listed in ``skipped`` with the reason.
     """
     device = torch.device(device)
     say = progress or (lambda message: None)

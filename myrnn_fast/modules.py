@@ -37,6 +37,20 @@ def _tensor(value, what: str) -> Tensor:
     return value
 
 
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _weights(module: nn.Module, names) -> list[Tensor | None]:
+    """A module's weights by name, straight from ``_parameters`` (where torch.func.functional_call
+    puts its tensors too): nn.Module.__getattr__ costs as much per weight as a tiny layer's whole
+    forward. Weights that are properties (torch.nn.utils.parametrize) are read as attributes."""
+    params = module._parameters
+    try:
+        return [params[name] for name in names]
+    except KeyError:
+        return [getattr(module, name) for name in names]
+
+
 def _check_backend(backend: str | None) -> str | None:
     """Validate a module's ``backend=``: unknown names and unusable backends fail at construction."""
     if backend is not None and registry.check_name(backend) != registry.AUTO:
@@ -254,13 +268,7 @@ class RNN(nn.Module):
 
     @property
     def _flat_weights(self) -> list[Tensor]:
-        # Straight from _parameters, which is where torch.func.functional_call puts its tensors
-        # too: nn.Module.__getattr__ costs as much per weight as a tiny layer's whole forward.
-        params = self._parameters
-        try:
-            return [params[name] for name in self._flat_weights_names]
-        except KeyError:  # weights that are properties (torch.nn.utils.parametrize)
-            return [getattr(self, name) for name in self._flat_weights_names]
+        return _weights(self, self._flat_weights_names)
 
     def flatten_parameters(self) -> None:
         """No-op, kept for code written against ``torch.nn.RNN`` (cuDNN's weight layout)."""
@@ -497,11 +505,7 @@ class RNNCell(nn.Module):
             hx = hx.unsqueeze(0)
         if self.nonlinearity not in _MODES:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        params = self._parameters  # not nn.Module.__getattr__, which costs as much as a small step
-        try:
-            weights = (params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"])
-        except KeyError:  # weights that are properties (torch.nn.utils.parametrize)
-            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        weights = tuple(_weights(self, _CELL_WEIGHTS))
         autocast, x, hx, weights = _under_autocast(x, hx, weights)
         self._check_forward_args(x, hx, weights[0])
 

@@ -261,14 +261,14 @@ std::optional<PackedColumns> packed_columns(const Layout& l, const at::Tensor& w
   return PackedColumns::make(w, l.batch);
 }
 
-// y [rows, c1 - c0] at stride `stride` += product (contiguous), row by row, then fn(row, n).
+// y [rows, n] at stride `stride` += product (contiguous), row by row, then fn(row, n).
 template <typename F>
 void add_rows(float* y, int64_t stride, const float* product, int64_t rows, int64_t n, const F& fn) {
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * stride;
     const float* pr = product + r * n;
     for (int64_t j = 0; j < n; ++j) yr[j] += pr[j];
-    fn(yr, r, n);
+    fn(yr, n);
   }
 }
 
@@ -315,19 +315,17 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
         });
         return;
       }
-      if (const auto packed = packed_columns<scalar_t>(l, w_hh)) {
-        {  // float32 only (packed_columns says so)
-          const auto& kf = kernels<float>();
-          const int64_t B = l.batch;
-          float* o_ptr = o.data_ptr<float>();
-          for (int64_t t = 0; t < l.seq_len; ++t) {
-            const at::Tensor prev = t == 0 ? h : o.narrow(0, (t - 1) * B, B);
-            packed->step(prev, o_ptr + t * B * H, H, [&](float* y, int64_t stride, const float* p, int64_t c0, int64_t c1) {
-              add_rows(y, stride, p, B, c1 - c0, [&](float* row, int64_t, int64_t n) { kf.activate(row, n, relu); });
-            });
-          }
-          hn.copy_(o.narrow(0, (l.seq_len - 1) * B, B));
+      if (const auto packed = packed_columns<scalar_t>(l, w_hh)) {  // float32 only
+        const auto& kf = kernels<float>();
+        const int64_t B = l.batch;
+        float* o_ptr = o.data_ptr<float>();
+        for (int64_t t = 0; t < l.seq_len; ++t) {
+          const at::Tensor prev = t == 0 ? h : o.narrow(0, (t - 1) * B, B);
+          packed->step(prev, o_ptr + t * B * H, H, [&](float* y, int64_t stride, const float* p, int64_t c0, int64_t c1) {
+            add_rows(y, stride, p, B, c1 - c0, [&](float* row, int64_t n) { kf.activate(row, n, relu); });
+          });
         }
+        hn.copy_(o.narrow(0, (l.seq_len - 1) * B, B));
         return;
       }
       gemm_forward(o, h, w_hh, hn, l, [&](const at::Tensor& cur) {

@@ -52,6 +52,8 @@ class PackedColumns {
 
   // For every block, in parallel: epilogue(block_of_y, x w_block^T, c0, c1), where block_of_y
   // points at y[0, c0] (row stride = y.size(1)) and the product is [batch, c1 - c0], contiguous.
+  // mkl::_mkl_linear has no out= form, so each block's product is a fresh [batch, block] tensor
+  // per step: small beside the block's multiply-adds at the sizes this path is taken for.
   template <typename Epilogue>
   void step(const at::Tensor& x, float* y, int64_t y_stride, const Epilogue& epilogue) const {
     const Ops* ops = Ops::get();

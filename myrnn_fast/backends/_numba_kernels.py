@@ -338,6 +338,19 @@ def _finish(dst, y, at, acc, relu, backward):
     _vstore(dst, at, acc)
 
 
+@njit(inline="always", **_KERNEL)
+def _finish_scalar(acc, y, at, relu, backward):
+    """:func:`_finish` for one value: the epilogue of the forward (act) or the backward (times act')."""
+    if backward:
+        ya = y[at]
+        if relu:
+            return 0 if ya <= 0 else acc  # threshold_backward: a NaN output lets it through
+        return acc * (1 - ya * ya)
+    if relu:
+        return 0 if acc < 0 else acc  # keeps NaN, as torch.relu does
+    return _tanh(acc)
+
+
 @njit(**_KERNEL)
 def _tile4x2(prev, p0, p1, p2, p3, m, hidden, j, init, dst, y, d0, d1, d2, d3, relu, backward):
     """Four rows by two vectors of columns from j: eight accumulators in registers."""
@@ -436,17 +449,7 @@ def _columns_by_hand(prev, p, m, hidden, j0, init, dst, y, d, relu, backward):
         acc = init[d + j]
         for k in range(hidden):
             acc += prev[p + k] * m[k * hidden + j]
-        if backward:
-            yj = y[d + j]
-            if relu:
-                acc = 0 if yj <= 0 else acc  # threshold_backward: a NaN output lets it through
-            else:
-                acc *= 1 - yj * yj
-        elif relu:
-            acc = 0 if acc < 0 else acc  # keeps NaN, as torch.relu does
-        else:
-            acc = _tanh(acc)
-        dst[d + j] = acc
+        dst[d + j] = _finish_scalar(acc, y, d + j, relu, backward)
 
 
 @njit(**_KERNEL)
@@ -525,18 +528,7 @@ def _epilogue(acc, a0, init, i0, dst, y, count, relu, backward):
     for i in range(0, vectors, step):
         _finish(dst, y, i0 + i, _vadd(_vload(init, i0 + i), _vload(acc, a0 + i)), relu, backward)
     for i in range(vectors, count):
-        v = init[i0 + i] + acc[a0 + i]
-        if backward:
-            yi = y[i0 + i]
-            if relu:
-                v = 0 if yi <= 0 else v  # threshold_backward: a NaN output lets it through
-            else:
-                v *= 1 - yi * yi
-        elif relu:
-            v = 0 if v < 0 else v  # keeps NaN, as torch.relu does
-        else:
-            v = _tanh(v)
-        dst[i0 + i] = v
+        dst[i0 + i] = _finish_scalar(init[i0 + i] + acc[a0 + i], y, i0 + i, relu, backward)
 
 
 @njit(**_KERNEL)

@@ -67,6 +67,18 @@ def _row(impl, shape, pass_, measured: timing.Timing, baseline_s: float | None, 
     }
 
 
+def _complete(row: dict, peer: peers_.Peer | None, floor_s: float | None) -> dict:
+    """A row's peer fields (its check against torch.nn, torch.compile's first call) and its place
+    against the torch.mm floor of its group."""
+    row["peer"] = peer is not None
+    if peer is not None:
+        row["error_vs_torch_nn"] = peer.error
+        row["compile_s"] = peer.compile_s
+    row["mm_floor_ms"] = floor_s * 1e3 if floor_s else None
+    row["fraction_of_floor"] = floor_s / (row["median_ms"] / 1e3) if floor_s else None
+    return row
+
+
 def _build_peers(names, shape, pass_, device, dtype, skipped: list, say) -> dict[str, peers_.Peer]:
     """The peers to time at this shape and pass, each checked against torch.nn; the rest go to
     ``skipped`` with the reason (including a failed check, with the error measured)."""
@@ -177,13 +189,7 @@ def run(
             for impl in [*impls, *checked]
         ]
         for row in rows:
-            peer = checked.get(row["backend"])
-            row["peer"] = peer is not None
-            if peer is not None:
-                row["error_vs_torch_nn"] = peer.error
-                row["compile_s"] = peer.compile_s
-            row["mm_floor_ms"] = floor_s * 1e3 if floor_s else None
-            row["fraction_of_floor"] = floor_s / (row["median_ms"] / 1e3) if floor_s else None
+            _complete(row, checked.get(row["backend"]), floor_s)
         results.extend(rows)
         say(_progress_line(index, total, shape, pass_, rows, started))
 
@@ -204,11 +210,7 @@ def run(
         for name, peer in checked.items():
             measured = timing.interleaved({name: peer.fn}, grid.budget_s, grid.min_rounds, grid.max_rounds)[name]
             row = _row(name, shape, pass_, measured, baseline_s[shape, pass_], peak, "alone", device, dtype)
-            floor_s = floors[shape, pass_]
-            row.update(peer=True, error_vs_torch_nn=peer.error, compile_s=peer.compile_s,
-                       mm_floor_ms=floor_s * 1e3 if floor_s else None,
-                       fraction_of_floor=floor_s / (row["median_ms"] / 1e3) if floor_s else None)
-            rows.append(row)
+            rows.append(_complete(row, peer, floors[shape, pass_]))
         del checked
         gc.collect()
         results.extend(rows)

@@ -1,15 +1,25 @@
-"""The ``cpp`` backend's CPU recurrence path, chosen by measurement (knob ``cpu_autotune``).
+"""The ``cpp`` backend's CPU paths, chosen by measurement (knob ``cpu_autotune``).
 
-Under ``cpu_path`` ``auto`` with ``cpu_autotune`` 1 (the defaults), the first call of each kind
-(hidden size, batch rounded up to a power of two, dtype, thread count, instruction set, forward or
-backward) runs both recurrence paths, the register tiles and one BLAS GEMM per step, on its own
-data, returns the faster one's result and remembers the choice for the rest of the process, as
+Three choices are made this way, each per kind of call (see ``_KEY``):
+
+- ``pass`` ``forward`` and ``backward``: the recurrence, by the register tiles or one BLAS GEMM per
+  step (knob ``cpu_path``);
+- ``pass`` ``grads`` and ``grads+dx``: the backward's weight gradients (and the input's, for
+  ``grads+dx``), summed in the kernels or formed by ATen GEMMs (knob ``cpu_grads``);
+- ``pass`` ``cell``: an RNNCell step, by the kernels' dot products or ATen GEMMs (knob ``cpu_cell``).
+
+Under those knobs' ``auto`` with ``cpu_autotune`` 1 (the defaults), the first call of each kind
+(pass, hidden size, input size but for the recurrences, batch and sequence length each rounded
+up to a power of two, dtype, thread count, instruction set) runs both candidates on its own data, returns
+the faster one's result and remembers the choice for the rest of the process, as
 ``torch.backends.cudnn.benchmark`` does for cuDNN. ``cpu_autotune`` 0 restores the fixed size
-thresholds (``cpu_tiles_max_hidden``, ``cpu_tiles_max_batch``); ``cpu_path`` ``tiles`` or ``gemm``
-forces a path and bypasses the cache.
+thresholds (``cpu_tiles_max_hidden``, ``cpu_tiles_max_batch``, ``cpu_grads_kernels_max_work``,
+``cpu_parallel_min_work`` for the cell); a forced ``cpu_path``, ``cpu_grads`` or ``cpu_cell``
+bypasses the cache.
 
     from myrnn_fast import autotune
-    autotune.choices()          # [{"hidden", "batch_max", "dtype", "threads", "isa", "pass", "path", ...}]
+    autotune.choices()          # [{"pass", "hidden", "input", "batch_max", "steps_max", "dtype", "threads",
+                                #   "isa", "path", "times_ms"}, ...]
     autotune.save("paths.json"); autotune.load("paths.json")
 
 With knob ``cpu_autotune_file`` (``MYRNN_CPU_AUTOTUNE_FILE``) naming a file, the choices saved there
@@ -31,8 +41,10 @@ from . import config
 
 __all__ = ["choices", "clear", "save", "load"]
 
-_FORMAT = 1
-_KEY = ("hidden", "batch_max", "dtype", "threads", "isa", "pass")
+_FORMAT = 2
+# What a choice is for; "input" is 0 for the recurrences' passes, which never read it, and
+# "steps_max" 1 for the cell's.
+_KEY = ("pass", "hidden", "input", "batch_max", "steps_max", "dtype", "threads", "isa")
 
 
 _ext = None  # myrnn_fast._C, once the cpp backend has loaded it (bind)
@@ -49,8 +61,8 @@ def _extension():
 
 def choices() -> list[dict[str, Any]]:
     """The path chosen for each kind of call so far in this process, with the times measured
-    (``tiles_ms``, ``gemm_ms``: the better of two runs each; 0 for choices loaded from a file).
-    Empty when the ``cpp`` backend cannot load."""
+    (``times_ms``: each candidate's better of two runs, by path name; empty for choices loaded
+    from a file). Empty when the ``cpp`` backend cannot load."""
     try:
         return list(_extension().autotune_cache())
     except RuntimeError:

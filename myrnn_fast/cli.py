@@ -101,9 +101,10 @@ def _print_info(info: dict) -> None:
     if not info["autotune"]:
         print("  none yet: each kind of call is measured when first run")
     for c in info["autotune"]:
-        timed = f" (tiles {c['tiles_ms']:.3f} ms, gemm {c['gemm_ms']:.3f} ms)" if c["tiles_ms"] else " (loaded)"
-        print(f"  H={c['hidden']} B<={c['batch_max']} {c['dtype']} {c['threads']} threads {c['isa']} "
-              f"{c['pass']}: {c['path']}{timed}")
+        times = ", ".join(f"{path} {ms:.3f} ms" for path, ms in c["times_ms"].items())
+        layer = f"H={c['hidden']}" + (f" I={c['input']}" if c["input"] else "")
+        print(f"  {c['pass']:<8} {layer} B<={c['batch_max']} T<={c['steps_max']} {c['dtype']} {c['threads']} threads "
+              f"{c['isa']}: {c['path']} ({times or 'loaded'})")
     print("configuration (myrnn_fast.config; each knob's variable sets it at import)")
     for knob in info["config"]:
         origin = "" if knob["source"] == "default" else f", from {knob['source']}; default {knob['default']}"

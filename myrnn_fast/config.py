@@ -81,10 +81,11 @@ KNOBS: dict[str, Knob] = {
              "... and beyond it for batches of 2 to this many rows (each 4-row tile streams W_hh "
              "from cache, so wide batches amortize it better in a GEMM)", minimum=0),
         Knob("cpu_autotune", int, 1, "cpp",
-             "1: under cpu_path auto, the first call of each kind (hidden size, batch up to a "
-             "power of two, dtype, threads, instruction set, forward or backward) times tiles and "
-             "gemm and keeps the faster for the process (myrnn_fast.autotune); 0: the two "
-             "thresholds above decide, the same way every run",
+             "1: under cpu_path, cpu_grads and cpu_cell auto, the first call of each kind "
+             "(pass, hidden size, batch and length up to powers of two, dtype, threads, "
+             "instruction set; the input size but for the recurrences) times both candidates and "
+             "keeps the faster for the process (myrnn_fast.autotune); 0: the size thresholds "
+             "decide, the same way every run",
              choices=(0, 1)),
         Knob("cpu_autotune_file", str, "", "autotune",
              "a JSON file of cpu_autotune's choices: those saved there on this machine (same CPU "
@@ -92,12 +93,18 @@ KNOBS: dict[str, Knob] = {
              "are written back at exit; empty: choices live only in the process"),
         Knob("cpu_grads", str, "auto", "cpp",
              "cpp CPU backward's weight gradients: kernels (register tiles, no GEMM calls), gemm "
-             "(ATen GEMMs), auto (kernels up to cpu_grads_kernels_max_work, and for a 16-bit dtype "
+             "(ATen GEMMs), auto (measured per kind of call, or kernels up to "
+             "cpu_grads_kernels_max_work with cpu_autotune 0; kernels always for a 16-bit dtype "
              "whose ATen GEMM is slow)",
              choices=("auto", "kernels", "gemm")),
         Knob("cpu_grads_kernels_max_work", int, 1 << 20, "cpp",
              "multiply-adds of the weight gradients up to which cpu_grads auto forms them in the "
-             "kernels (each ATen GEMM costs microseconds of fixed overhead)", minimum=0),
+             "kernels with cpu_autotune 0 (each ATen GEMM costs microseconds of fixed overhead)", minimum=0),
+        Knob("cpu_cell", str, "auto", "cpp",
+             "cpp CPU RNNCell step: kernels (one pass of dot products, no GEMM call), gemm (ATen "
+             "GEMMs), auto (measured per kind of call, or kernels up to cpu_parallel_min_work "
+             "multiply-adds, 8 times that with AVX512-BF16 in bfloat16, with cpu_autotune 0)",
+             choices=("auto", "kernels", "gemm")),
         Knob("cpu_parallel_min_work", int, 1 << 17, "cpp",
              "multiply-adds below which a cpp CPU call stays on the calling thread (waking the "
              "pool costs more)", minimum=0),

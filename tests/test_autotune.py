@@ -1,6 +1,7 @@
-"""The cpp backend's CPU path chosen by measurement (knob cpu_autotune, myrnn_fast.autotune): the same
-results as either forced path, one cached choice per kind of call, off and forced paths bypassing
-the cache, and the cache saved and loaded across processes. Speed is not asserted (bench/ does)."""
+"""The cpp backend's CPU paths chosen by measurement (knob cpu_autotune, myrnn_fast.autotune): the
+recurrences' (cpu_path) and the gradients' (cpu_grads). The same results as the forced paths, one
+cached choice per kind of call, off and forced paths bypassing the cache, and the cache saved and
+loaded across processes. Speed is not asserted (bench/ does)."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 
 import myrnn_fast
 from myrnn_fast import autotune, config, registry
+from parity import TOLERANCES
 
 pytestmark = pytest.mark.skipif(
     registry.unavailable_reason("cpp") is not None, reason=f"cpp: {registry.unavailable_reason('cpp')}"
@@ -34,7 +36,7 @@ def _pair(I=6, H=24, dtype=torch.float32, seed=0):
     return ref, ours
 
 
-def _step(module, x, grad_out, forward_path=None, backward_path=None):
+def _step(module, x, grad_out, forward_path=None, backward_path=None, grads_path=None):
     """Forward and backward (each with its path forced, if given): the output, h_n and the
     gradients of x and of every parameter."""
     x = x.detach().requires_grad_(True)
@@ -42,7 +44,9 @@ def _step(module, x, grad_out, forward_path=None, backward_path=None):
         p.grad = None
     with config.override(**({"cpu_path": forward_path} if forward_path else {})):
         out, h_n = module(x)
-    with config.override(**({"cpu_path": backward_path} if backward_path else {})):
+    knobs = {**({"cpu_path": backward_path} if backward_path else {}),
+             **({"cpu_grads": grads_path} if grads_path else {})}
+    with config.override(**knobs):
         out.backward(grad_out)
     return [out.detach(), h_n.detach(), x.grad, *(p.grad for p in module.parameters())]
 
@@ -53,7 +57,8 @@ def _inputs(T, B, I, H, dtype=torch.float32, seed=1):
 
 
 def _kinds():
-    return {(c["hidden"], c["batch_max"], c["dtype"], c["pass"]): c["path"] for c in autotune.choices()}
+    return {(c["pass"], c["hidden"], c["input"], c["batch_max"], c["steps_max"], c["dtype"]): c["path"]
+            for c in autotune.choices()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -62,46 +67,87 @@ def test_the_measured_path_matches_torch_nn_and_is_one_of_the_forced_paths_exact
     ref, ours = _pair(dtype=dtype)
     x, grad_out = _inputs(7, B, 6, 24, dtype)
     for path in ("tiles", "gemm"):
-        _step(ours, x, grad_out, path, path)
+        for grads in ("kernels", "gemm"):
+            _step(ours, x, grad_out, path, path, grads)
     assert autotune.choices() == []  # a forced path neither measures nor consults the cache
-    tuned = _step(ours, x, grad_out)  # first call of its kind: both paths timed
+    tuned = _step(ours, x, grad_out)  # first call of its kind: both candidates timed, each pass
     bucket, name = {1: 1, 3: 4, 40: 64}[B], str(dtype).removeprefix("torch.")
     kinds = _kinds()
-    assert set(kinds) == {(24, bucket, name, p) for p in ("forward", "backward")}
+    keys = {p: (p, 24, 6 if p.startswith("grads") else 0, bucket, 8, name) for p in ("forward", "backward", "grads+dx")}
+    assert set(kinds) == set(keys.values())
+    assert kinds[keys["grads+dx"]] in ("kernels", "gemm") and kinds[keys["forward"]] in ("tiles", "gemm")
     # The results are those of one complete run of each chosen path, to the bit.
-    forced = _step(ours, x, grad_out, kinds[24, bucket, name, "forward"], kinds[24, bucket, name, "backward"])
+    forced = _step(ours, x, grad_out, *(kinds[keys[p]] for p in ("forward", "backward", "grads+dx")))
     assert all(torch.equal(a, b) for a, b in zip(tuned, forced))
-    again = _step(ours, x, grad_out)  # served from the cache: the same path, the same bits
+    again = _step(ours, x, grad_out)  # served from the cache: the same paths, the same bits
     assert all(torch.equal(a, b) for a, b in zip(again, tuned))
     for got, expected in zip(tuned, _step(ref, x, grad_out)):
         torch.testing.assert_close(got, expected)
+
+
+def test_the_gradients_pass_depends_on_whether_x_needs_its_gradient():
+    _, ours = _pair()
+    x, grad_out = _inputs(5, 3, 6, 24)
+    out, _ = ours(x)  # x needs no gradient: pass "grads"
+    out.backward(grad_out)
+    _step(ours, x, grad_out)  # pass "grads+dx"
+    assert {k[0] for k in _kinds()} == {"forward", "backward", "grads", "grads+dx"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B", [1, 40])
+def test_the_cell_step_is_measured_once_per_kind_and_matches_its_forced_path(dtype, B):
+    torch.manual_seed(0)
+    ref = torch.nn.RNNCell(6, 24, dtype=dtype)
+    ours = myrnn_fast.RNNCell(6, 24, dtype=dtype, backend="cpp")
+    ours.load_state_dict(ref.state_dict())
+    x, h = torch.randn(B, 6, dtype=dtype), torch.randn(B, 24, dtype=dtype)
+    with torch.no_grad():
+        forced = {}
+        for path in ("kernels", "gemm"):
+            with config.override(cpu_cell=path):
+                forced[path] = ours(x, h)
+        assert autotune.choices() == []
+        tuned = ours(x, h)
+        again = ours(x, h)
+        expected = ref(x, h)
+    [entry] = autotune.choices()
+    assert (entry["pass"], entry["hidden"], entry["input"], entry["batch_max"], entry["steps_max"]) == \
+        ("cell", 24, 6, {1: 1, 40: 64}[B], 1)
+    assert set(entry["times_ms"]) == {"kernels", "gemm"}
+    assert torch.equal(tuned, forced[entry["path"]]) and torch.equal(again, tuned)
+    torch.testing.assert_close(tuned, expected, **TOLERANCES[dtype])
 
 
 def test_one_entry_per_kind_of_call():
     _, ours = _pair()
     with torch.no_grad():
         ours(torch.randn(5, 3, 6))
-        assert set(_kinds()) == {(24, 4, "float32", "forward")}
-        ours(torch.randn(9, 4, 6))  # another length, a batch in the same power-of-two bucket
-        ours(torch.randn(1, 3, 6))
+        assert set(_kinds()) == {("forward", 24, 0, 4, 8, "float32")}
+        ours(torch.randn(7, 4, 6))  # another length and batch, in the same power-of-two buckets
         assert len(autotune.choices()) == 1
-        ours(torch.randn(5, 5, 6))  # the next bucket
+        ours(torch.randn(1, 3, 6))  # a single step: its own kind
+        ours(torch.randn(5, 5, 6))  # the next batch bucket
         ours.double()(torch.randn(5, 3, 6, dtype=torch.float64))
-    assert set(_kinds()) == {(24, 4, "float32", "forward"), (24, 8, "float32", "forward"),
-                             (24, 4, "float64", "forward")}
+    assert set(_kinds()) == {("forward", 24, 0, 4, 8, "float32"), ("forward", 24, 0, 4, 1, "float32"),
+                             ("forward", 24, 0, 8, 8, "float32"), ("forward", 24, 0, 4, 8, "float64")}
     entry = autotune.choices()[0]
     assert entry["threads"] == torch.get_num_threads() and entry["isa"] in myrnn_fast._C.cpu_isas()
-    assert entry["path"] in ("tiles", "gemm") and entry["tiles_ms"] > 0 and entry["gemm_ms"] > 0
-    assert entry["path"] == ("tiles" if entry["tiles_ms"] <= entry["gemm_ms"] else "gemm")
+    times = entry["times_ms"]
+    assert set(times) == {"tiles", "gemm"} and min(times.values()) > 0
+    assert entry["path"] == min(times, key=lambda path: (times[path], path != "tiles"))
 
 
 @pytest.mark.parametrize("static", ["tiles", "gemm"])
 def test_autotune_off_restores_the_thresholds_choice(static):
     _, ours = _pair()
     x, grad_out = _inputs(6, 3, 6, 24)
-    # H = 24 is under cpu_tiles_max_hidden; thresholds of 0 send every size to gemm.
-    limits = {} if static == "tiles" else {"cpu_tiles_max_hidden": 0, "cpu_tiles_max_batch": 0}
-    with config.override(cpu_path=static):
+    # H = 24 is under cpu_tiles_max_hidden, and its gradients under cpu_grads_kernels_max_work;
+    # thresholds of 0 send every size to gemm.
+    grads = "kernels" if static == "tiles" else "gemm"
+    limits = {} if static == "tiles" else {"cpu_tiles_max_hidden": 0, "cpu_tiles_max_batch": 0,
+                                           "cpu_grads_kernels_max_work": 0}
+    with config.override(cpu_path=static, cpu_grads=grads):
         expected = _step(ours, x, grad_out)
     with config.override(cpu_autotune=0, **limits):
         got = _step(ours, x, grad_out)
@@ -121,8 +167,8 @@ def test_a_cached_choice_is_used_and_forcing_a_path_ignores_it():
             pytest.skip("both paths round alike at this shape here: the path taken is not visible")
         for path, other in (("tiles", "gemm"), ("gemm", "tiles")):
             autotune.clear()
-            myrnn_fast._C.autotune_record(24, 4, "float32", torch.get_num_threads(),
-                                          myrnn_fast._C.cpu_isas()[-1], "forward", path)
+            myrnn_fast._C.autotune_record("forward", 24, 0, 4, 8, "float32", torch.get_num_threads(),
+                                          myrnn_fast._C.cpu_isas()[-1], path)
             assert torch.equal(ours(x)[0], forced[path])  # the recorded choice, not a new measurement
             with config.override(cpu_path=other):
                 assert torch.equal(ours(x)[0], forced[other])
@@ -160,11 +206,11 @@ def test_save_and_load(tmp_path):
     _step(ours, x, grad_out)
     measured = _kinds()
     path = tmp_path / "sub" / "paths.json"
-    assert autotune.save(path) == 2
+    assert autotune.save(path) == 3  # forward, backward, grads+dx
     autotune.clear()
-    assert autotune.load(path) == 2
+    assert autotune.load(path) == 3
     assert _kinds() == measured
-    assert all(c["tiles_ms"] == 0 and c["gemm_ms"] == 0 for c in autotune.choices())  # loaded, not timed
+    assert all(c["times_ms"] == {} for c in autotune.choices())  # loaded, not timed
     # Another machine's file, a damaged one and a missing one add nothing.
     data = json.loads(path.read_text())
     data["machine"]["cpu"] = "another CPU"
@@ -178,13 +224,18 @@ def test_save_and_load(tmp_path):
 
 
 def test_bad_records_are_value_errors():
-    args = dict(hidden=8, batch_max=4, dtype="float32", threads=1, isa="avx2", path="tiles")
-    with pytest.raises(ValueError, match="pass must be forward or backward"):
-        myrnn_fast._C.autotune_record(**args, **{"pass": "sideways"})
-    with pytest.raises(ValueError, match="path must be tiles or gemm"):
-        myrnn_fast._C.autotune_record(**{**args, "path": "blas"}, **{"pass": "forward"})
-    with pytest.raises(ValueError, match="power of two"):
-        myrnn_fast._C.autotune_record(**{**args, "batch_max": 3}, **{"pass": "forward"})
+    args = {"pass": "forward", "hidden": 8, "input": 0, "batch_max": 4, "steps_max": 16, "dtype": "float32",
+            "threads": 1, "isa": "avx2", "path": "tiles"}
+    record = myrnn_fast._C.autotune_record
+    for change, message in (({"pass": "sideways"}, "pass must be forward, backward, grads, grads[+]dx or cell"),
+                            ({"path": "blas"}, "path must be tiles or gemm"),
+                            ({"pass": "grads", "input": 3}, "path must be kernels or gemm"),
+                            ({"batch_max": 3}, "powers of two"), ({"steps_max": 0}, "powers of two"),
+                            ({"input": 3}, "input 0 for the recurrences"),
+                            ({"pass": "grads+dx", "path": "kernels"}, ">= 1 for the others"),
+                            ({"pass": "cell", "input": 3, "path": "kernels"}, "a cell's steps_max is 1")):
+        with pytest.raises(ValueError, match=message):
+            record(**{**args, **change})
     assert autotune.choices() == []
 
 
@@ -196,7 +247,7 @@ def test_the_file_knob_persists_choices_across_processes(tmp_path):
     done = subprocess.run([sys.executable, "-c", run], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     saved = json.loads(path.read_text())["choices"]
-    assert [(c["hidden"], c["batch_max"], c["pass"]) for c in saved] == [(10, 2, "forward")]
+    assert [(c["pass"], c["hidden"], c["batch_max"], c["steps_max"]) for c in saved] == [("forward", 10, 2, 4)]
     done = subprocess.run([sys.executable, "-m", "myrnn_fast", "info", "--json"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -204,4 +255,4 @@ def test_the_file_knob_persists_choices_across_processes(tmp_path):
     assert [(c["hidden"], c["path"]) for c in listed] == [(10, saved[0]["path"])]
     done = subprocess.run([sys.executable, "-m", "myrnn_fast", "info"], env=env, capture_output=True, text=True,
                           timeout=120)
-    assert "H=10 B<=2 float32" in done.stdout and "(loaded)" in done.stdout
+    assert "forward  H=10 B<=2 T<=4 float32" in done.stdout and "(loaded)" in done.stdout

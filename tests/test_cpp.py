@@ -30,9 +30,11 @@ else:
 
 @pytest.fixture(params=list(itertools.product(ISAS, ["tiles", "gemm"])), ids=lambda p: "-".join(p))
 def isa_path(request):
-    """Run the test with one instruction set and one recurrence path forced, then restore."""
+    """Run the test with one instruction set forced, and one route for the recurrence, the
+    gradients and the cell (the kernels for "tiles", ATen's GEMMs for "gemm"), then restore."""
     isa, path = request.param
-    with config.override(cpu_isa=isa, cpu_path=path):
+    route = "kernels" if path == "tiles" else "gemm"
+    with config.override(cpu_isa=isa, cpu_path=path, cpu_grads=route, cpu_cell=route):
         yield request.param
 
 

@@ -1,4 +1,4 @@
-// The autotuned path cache (see autotune.h): one map for the process, behind a mutex, since ops run
+// The autotuned choices' cache (see autotune.h): one map for the process, behind a mutex, since ops run
 // on many threads with the GIL released.
 
 #include "ops/autotune.h"
@@ -19,12 +19,34 @@ std::map<Key, Entry>& cache() {
 
 }  // namespace
 
-const char* name(Path path) { return path == Path::kTiles ? "tiles" : "gemm"; }
+namespace {
+constexpr const char* kPassNames[] = {"forward", "backward", "grads", "grads+dx", "cell"};
+constexpr int kPasses = sizeof(kPassNames) / sizeof(kPassNames[0]);
+}  // namespace
 
-int64_t batch_bucket(int64_t batch) {
-  int64_t bucket = 1;
-  while (bucket < batch) bucket <<= 1;
-  return bucket;
+const char* name(Pass pass) { return kPassNames[static_cast<int>(pass)]; }
+
+const char* name(Pass pass, Path path) {
+  if (path == Path::kGemm) return "gemm";
+  return pass == Pass::kForward || pass == Pass::kBackward ? "tiles" : "kernels";
+}
+
+std::optional<Pass> pass_named(const std::string& name) {
+  for (int i = 0; i < kPasses; ++i)
+    if (name == kPassNames[i]) return static_cast<Pass>(i);
+  return std::nullopt;
+}
+
+std::optional<Path> path_named(Pass pass, const std::string& path) {
+  for (const Path p : {Path::kKernels, Path::kGemm})
+    if (path == name(pass, p)) return p;
+  return std::nullopt;
+}
+
+int64_t bucket(int64_t n) {
+  int64_t b = 1;
+  while (b < n) b <<= 1;
+  return b;
 }
 
 std::optional<Path> lookup(const Key& key) {

@@ -1,10 +1,16 @@
-// The CPU recurrence's path chosen by measurement (knob cpu_autotune), as cudnn.benchmark does for
-// cuDNN's algorithms: the first call of each kind times both paths on its own data, and the faster
-// one serves every later call of that kind in the process.
+// The CPU op's paths chosen by measurement (knob cpu_autotune), as cudnn.benchmark does for cuDNN's
+// algorithms: the first call of each kind times both candidates on its own data, and the faster
+// one serves every later call of that kind in the process. Three choices are made this way:
+//  - the forward recurrence and the backward (reverse) recurrence: the register tiles or one BLAS
+//    GEMM per step;
+//  - the backward's weight gradients (and grad x): summed in the kernels' register tiles or formed
+//    by ATen GEMMs, whose fixed cost per call dominates at small sizes;
+//  - one RNNCell step: the kernels' dot products or ATen GEMMs.
 //
-// A kind is what moves the crossover between the paths: the hidden size, the batch (by powers of
-// two), the dtype, the thread count and the instruction set of the kernels, and the direction
-// (forward or backward). Sequence length does not: both paths' cost grows with it alike.
+// A kind is what moves the crossover: the pass, the hidden size, the input size (for the
+// gradients and the cell only: the recurrences never read it), the batch and the sequence length
+// (each by powers of two: per-call costs such as packing W_hh weigh more in a short sequence),
+// the dtype, the thread count and the instruction set of the kernels.
 #pragma once
 
 #include <algorithm>
@@ -18,27 +24,38 @@
 
 namespace myrnn_fast::cpu::autotune {
 
-enum class Path : int { kTiles = 0, kGemm = 1 };
-const char* name(Path path);
+// What is chosen: the forward or reverse recurrence, the backward's gradients (with or without
+// grad x, whose GEMM moves that crossover), or an RNNCell step.
+enum class Pass : int { kForward = 0, kBackward = 1, kGrads = 2, kGradsDx = 3, kCell = 4 };
+// The two candidates: kKernels is the kernels of kernels/cpu (named "tiles" for the recurrences,
+// "kernels" for the gradients and the cell), kGemm the BLAS route.
+enum class Path : int { kKernels = 0, kGemm = 1 };
+
+const char* name(Pass pass);
+const char* name(Pass pass, Path path);
+std::optional<Pass> pass_named(const std::string& name);
+std::optional<Path> path_named(Pass pass, const std::string& name);
 
 struct Key {
+  Pass pass;
   int64_t hidden;
+  int64_t input;         // 0 for the recurrences, which never read it
   int64_t batch_bucket;  // the smallest power of two >= batch
+  int64_t steps_bucket;  // the smallest power of two >= sequence length
   std::string dtype;
   int64_t threads;
   std::string isa;
-  bool backward;
 
-  auto tied() const { return std::tie(hidden, batch_bucket, dtype, threads, isa, backward); }
+  auto tied() const { return std::tie(pass, hidden, input, batch_bucket, steps_bucket, dtype, threads, isa); }
   bool operator<(const Key& other) const { return tied() < other.tied(); }
 };
 
-int64_t batch_bucket(int64_t batch);
+int64_t bucket(int64_t n);  // the smallest power of two >= n (1 for n <= 1)
 
 struct Entry {
   Key key;
-  Path path;                          // the faster one
-  double tiles_seconds, gemm_seconds;  // the best of each path's timed runs (0 when loaded, not timed)
+  Path path;          // the faster one
+  double seconds[2];  // the best of each path's timed runs, by Path (0 when loaded, not timed)
 };
 
 // The cached choice for `key`, if its first call has been timed.
@@ -49,23 +66,26 @@ void record(const Entry& entry);
 std::vector<Entry> entries();
 void clear();
 
-// Runs run(path) for both paths, alternating (tiles, gemm, gemm, tiles) so that a first call's
-// cold caches and a neighbour's burst of load fall on both, records the faster by its best time,
-// and returns it. run(path) computes the whole recurrence into that path's own buffers and returns
-// its seconds; the caller keeps the winner's buffers, so the call's results come from one
-// complete run of one path.
+// Runs run(path) for both paths `pairs` times each, alternating (kernels, gemm, gemm, kernels,
+// ...) so that a first call's cold caches and a neighbour's burst of load fall on both, records
+// the faster by its best time, and returns it. run(path) computes the whole result into that
+// path's own buffers and returns its seconds; the caller keeps the winner's buffers, so the call's
+// results come from one complete run of one path. (A call of microseconds, such as a cell step,
+// takes more pairs: one preemption of the thread would otherwise decide.)
 template <typename Run>
-Path measure(const Key& key, const Run& run) {
+Path measure(const Key& key, const Run& run, int pairs = 2) {
   double best[2] = {0, 0};
   bool timed[2] = {false, false};
-  for (const Path path : {Path::kTiles, Path::kGemm, Path::kGemm, Path::kTiles}) {
+  for (int round = 0; round < 2 * pairs; ++round) {
+    const bool kernels_first = round % 4 == 0 || round % 4 == 3;
+    const Path path = kernels_first ? Path::kKernels : Path::kGemm;
     const int i = static_cast<int>(path);
     const double seconds = run(path);
     best[i] = timed[i] ? std::min(best[i], seconds) : seconds;
     timed[i] = true;
   }
-  const Path winner = best[0] <= best[1] ? Path::kTiles : Path::kGemm;
-  record({key, winner, best[0], best[1]});
+  const Path winner = best[0] <= best[1] ? Path::kKernels : Path::kGemm;
+  record({key, winner, {best[0], best[1]}});
   return *lookup(key);
 }
 

@@ -87,6 +87,8 @@ Knob cpu_autotune{"cpu_autotune", 1, {0, 1}};
 // the kernels' register tiles cost none, and run near BLAS speed while the layer is small.
 Knob cpu_grads{"cpu_grads", {"auto", "kernels", "gemm"}, "auto"};
 Knob cpu_grads_kernels_max_work{"cpu_grads_kernels_max_work", int64_t{1} << 20};
+// A cell step is a few microseconds: one pass of dot products against three GEMM calls.
+Knob cpu_cell{"cpu_cell", {"auto", "kernels", "gemm"}, "auto"};
 // Waking ATen's pool costs microseconds: below this many multiply-adds, about that long on one
 // core, a call runs on the calling thread.
 Knob cpu_parallel_min_work{"cpu_parallel_min_work", int64_t{1} << 17};
@@ -108,6 +110,7 @@ const std::vector<Knob*>& registry() {
                                       &cpu_autotune,
                                       &cpu_grads,
                                       &cpu_grads_kernels_max_work,
+                                      &cpu_cell,
                                       &cpu_parallel_min_work,
                                       &cpu_cell_gil_release_min_work,
 #ifdef MYRNN_WITH_CUDA

@@ -72,6 +72,9 @@ enum class CpuGrads : int64_t { kAuto, kKernels, kGemm };  // cpu_grads' choices
 extern Knob cpu_grads;
 // Multiply-adds of the gradients up to which auto forms them in the kernels.
 extern Knob cpu_grads_kernels_max_work;
+// How a CPU RNNCell step runs: measured or by size (auto), the kernels' dot products, or ATen GEMMs.
+enum class CpuCell : int64_t { kAuto, kKernels, kGemm };  // cpu_cell's choices, in order
+extern Knob cpu_cell;
 // Multiply-adds below which a CPU call runs on the calling thread rather than ATen's pool.
 extern Knob cpu_parallel_min_work;
 // Multiply-adds from which _C.rnn_cell_cpu releases the GIL while it computes.

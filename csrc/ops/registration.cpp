@@ -189,36 +189,46 @@ PYBIND11_MODULE(_C, m) {
         namespace autotune = myrnn_fast::cpu::autotune;
         pybind11::list result;
         for (const autotune::Entry& e : autotune::entries()) {
-          pybind11::dict d;
+          pybind11::dict d, ms;
+          d["pass"] = autotune::name(e.key.pass);
           d["hidden"] = e.key.hidden;
+          d["input"] = e.key.input;
           d["batch_max"] = e.key.batch_bucket;
+          d["steps_max"] = e.key.steps_bucket;
           d["dtype"] = e.key.dtype;
           d["threads"] = e.key.threads;
           d["isa"] = e.key.isa;
-          d["pass"] = e.key.backward ? "backward" : "forward";
-          d["path"] = autotune::name(e.path);
-          d["tiles_ms"] = e.tiles_seconds * 1e3;
-          d["gemm_ms"] = e.gemm_seconds * 1e3;
+          d["path"] = autotune::name(e.key.pass, e.path);
+          for (const autotune::Path p : {autotune::Path::kKernels, autotune::Path::kGemm})
+            if (e.seconds[static_cast<int>(p)] > 0) ms[autotune::name(e.key.pass, p)] = e.seconds[static_cast<int>(p)] * 1e3;
+          d["times_ms"] = ms;
           result.append(d);
         }
         return result;
       },
-      "the CPU recurrence paths chosen by measurement so far (knob cpu_autotune), one dict per kind of call");
+      "the CPU paths chosen by measurement so far (knob cpu_autotune), one dict per kind of call");
   m.def("autotune_clear", &myrnn_fast::cpu::autotune::clear, "forget every measured path choice");
   m.def(
       "autotune_record",
-      [](int64_t hidden, int64_t batch_max, const std::string& dtype, int64_t threads, const std::string& isa,
-         const std::string& pass, const std::string& path) {
+      [](const std::string& pass_name, int64_t hidden, int64_t input, int64_t batch_max, int64_t steps_max,
+         const std::string& dtype, int64_t threads, const std::string& isa, const std::string& path_name) {
         namespace autotune = myrnn_fast::cpu::autotune;
-        TORCH_CHECK_VALUE(pass == "forward" || pass == "backward", "pass must be forward or backward, got ", pass);
-        TORCH_CHECK_VALUE(path == "tiles" || path == "gemm", "path must be tiles or gemm, got ", path);
-        TORCH_CHECK_VALUE(batch_max >= 1 && autotune::batch_bucket(batch_max) == batch_max,
-                          "batch_max must be a power of two, got ", batch_max);
-        autotune::record({{hidden, batch_max, dtype, threads, isa, pass == "backward"},
-                          path == "tiles" ? autotune::Path::kTiles : autotune::Path::kGemm, 0.0, 0.0});
+        const auto pass = autotune::pass_named(pass_name);
+        TORCH_CHECK_VALUE(pass, "pass must be forward, backward, grads, grads+dx or cell, got ", pass_name);
+        const auto path = autotune::path_named(*pass, path_name);
+        TORCH_CHECK_VALUE(path, "path must be ", autotune::name(*pass, autotune::Path::kKernels), " or gemm for pass ",
+                          pass_name, ", got ", path_name);
+        for (const int64_t n : {batch_max, steps_max})
+          TORCH_CHECK_VALUE(n >= 1 && autotune::bucket(n) == n, "batch_max and steps_max must be powers of two, got ", n);
+        const bool recurrence = *pass == autotune::Pass::kForward || *pass == autotune::Pass::kBackward;
+        TORCH_CHECK_VALUE(hidden >= 1 && (recurrence ? input == 0 : input >= 1),
+                          "hidden must be >= 1, and input 0 for the recurrences' passes and >= 1 for the others");
+        TORCH_CHECK_VALUE(*pass != autotune::Pass::kCell || steps_max == 1, "a cell's steps_max is 1, got ", steps_max);
+        autotune::record({{*pass, hidden, input, batch_max, steps_max, dtype, threads, isa}, *path, {0.0, 0.0}});
       },
       "remember a path choice made earlier (a saved cache); a kind already measured keeps its choice",
-      pybind11::arg("hidden"), pybind11::arg("batch_max"), pybind11::arg("dtype"), pybind11::arg("threads"),
-      pybind11::arg("isa"), pybind11::arg("pass"), pybind11::arg("path"));
+      pybind11::arg("pass"), pybind11::arg("hidden"), pybind11::arg("input"), pybind11::arg("batch_max"),
+      pybind11::arg("steps_max"), pybind11::arg("dtype"), pybind11::arg("threads"), pybind11::arg("isa"),
+      pybind11::arg("path"));
   m.def("cpu_isas", &cpu::cpu_isas, "instruction sets this CPU and build support (knob cpu_isa's choices)");
 }

@@ -149,25 +149,32 @@ std::string dtype_name(at::ScalarType dtype) {
   }
 }
 
-// How one call runs its recurrence: a path, or "measure both" (the first call of its kind).
+// How one call runs its recurrence or forms its gradients: a path, or "measure both" (the first
+// call of its kind).
 struct PathChoice {
   std::optional<autotune::Path> path;  // empty: time both, keep the faster (autotune::measure)
   autotune::Key key;
 };
 
+// The key of a call's kind (ops/autotune.h): `input` does not count for the recurrences.
+autotune::Key tuning_key(autotune::Pass pass, const Layout& l, at::ScalarType dtype) {
+  const bool recurrence = pass == autotune::Pass::kForward || pass == autotune::Pass::kBackward;
+  return {pass,         l.hidden,          recurrence ? 0 : l.input, autotune::bucket(l.batch),
+          autotune::bucket(l.seq_len), dtype_name(dtype), at::get_num_threads(), table().isa};
+}
+
 PathChoice choose_path(const Layout& l, at::ScalarType dtype, bool backward) {
   using autotune::Path;
   switch (knobs::cpu_path.as<knobs::CpuPath>()) {
-    case knobs::CpuPath::kTiles: return {Path::kTiles, {}};
+    case knobs::CpuPath::kTiles: return {Path::kKernels, {}};
     case knobs::CpuPath::kGemm: return {Path::kGemm, {}};
     default: break;
   }
   // Path auto never runs a slow 16-bit GEMM once per step: nothing to measure there.
-  if (slow_gemm(dtype)) return {Path::kTiles, {}};
-  const Path fixed = static_tiles(l.hidden, l.batch) ? Path::kTiles : Path::kGemm;
+  if (slow_gemm(dtype)) return {Path::kKernels, {}};
+  const Path fixed = static_tiles(l.hidden, l.batch) ? Path::kKernels : Path::kGemm;
   if (!knobs::cpu_autotune.get() || l.seq_len == 0) return {fixed, {}};
-  autotune::Key key{l.hidden, autotune::batch_bucket(l.batch), dtype_name(dtype), at::get_num_threads(),
-                    table().isa, backward};
+  autotune::Key key = tuning_key(backward ? autotune::Pass::kBackward : autotune::Pass::kForward, l, dtype);
   return {autotune::lookup(key), std::move(key)};
 }
 
@@ -201,18 +208,46 @@ int64_t grads_work(const Layout& l, bool need_grad_x) {
   return l.rows * l.hidden * (l.hidden + l.input * (need_grad_x ? 2 : 1));
 }
 
-// Whether rnn_backward forms its gradients in the kernels (Kernels::grads) rather than as ATen
-// GEMMs (layer_grads): each of those five or six calls costs microseconds before it multiplies
-// anything, more than the whole product at small sizes, where the kernels' register tiles run
-// at BLAS speed. A 16-bit dtype whose ATen GEMM is slow (slow_gemm) takes the kernels at any size:
-// they read the 16-bit storage directly, with no float32 copies.
-bool fused_grads(const Layout& l, at::ScalarType dtype, bool need_grad_x) {
-  if (l.seq_len == 0) return false;  // grad_h0 is then grad_h_n itself: layer_grads covers it
+// Where rnn_backward forms its gradients: in the kernels (Kernels::grads: kKernels) or as ATen
+// GEMMs (layer_grads: kGemm). Each of those five or six GEMM calls costs microseconds before it
+// multiplies anything, more than the whole product at small sizes, where the kernels' register
+// tiles run at BLAS speed; from some size on the GEMMs' blocking wins. Under cpu_grads auto the
+// first call of each kind measures both (cpu_autotune 1), or cpu_grads_kernels_max_work decides.
+// A 16-bit dtype whose ATen GEMM is slow (slow_gemm) takes the kernels at any size: they read the
+// 16-bit storage directly, with no float32 copies.
+PathChoice choose_grads(const Layout& l, at::ScalarType dtype, bool need_grad_x) {
+  using autotune::Path;
+  if (l.seq_len == 0) return {Path::kGemm, {}};  // grad_h0 is then grad_h_n itself: layer_grads covers it
   switch (knobs::cpu_grads.as<knobs::CpuGrads>()) {
-    case knobs::CpuGrads::kKernels: return true;
-    case knobs::CpuGrads::kGemm: return false;
-    default: return slow_gemm(dtype) || grads_work(l, need_grad_x) <= knobs::cpu_grads_kernels_max_work.get();
+    case knobs::CpuGrads::kKernels: return {Path::kKernels, {}};
+    case knobs::CpuGrads::kGemm: return {Path::kGemm, {}};
+    default: break;
   }
+  if (slow_gemm(dtype)) return {Path::kKernels, {}};
+  if (!knobs::cpu_autotune.get())
+    return {grads_work(l, need_grad_x) <= knobs::cpu_grads_kernels_max_work.get() ? Path::kKernels : Path::kGemm, {}};
+  autotune::Key key = tuning_key(need_grad_x ? autotune::Pass::kGradsDx : autotune::Pass::kGrads, l, dtype);
+  return {autotune::lookup(key), std::move(key)};
+}
+
+// How rnn_cell computes a step: by the kernels' dot products (kKernels) or ATen GEMMs (kGemm).
+// Under cpu_cell auto, measured per kind with cpu_autotune 1; with it off, the kernels up to a size where one pass of
+// dot products still beats three GEMM calls and their dispatch (several times further with
+// AVX512-BF16's pairwise dot products, `pairs`, against oneDNN's bfloat16 GEMM, whose fixed cost
+// per call exceeds float32's).
+PathChoice choose_cell(const Layout& l, at::ScalarType dtype, bool pairs) {
+  using autotune::Path;
+  switch (knobs::cpu_cell.as<knobs::CpuCell>()) {
+    case knobs::CpuCell::kKernels: return {Path::kKernels, {}};
+    case knobs::CpuCell::kGemm: return {Path::kGemm, {}};
+    default: break;
+  }
+  if (knobs::cpu_autotune.get()) {
+    autotune::Key key = tuning_key(autotune::Pass::kCell, l, dtype);
+    return {autotune::lookup(key), std::move(key)};
+  }
+  const int64_t dot_max_work = knobs::cpu_parallel_min_work.get() * (pairs ? 8 : 1);
+  return {l.batch * l.hidden * (l.input + l.hidden) <= dot_max_work ? Path::kKernels : Path::kGemm, {}};
 }
 
 // rnn_backward's gradients (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b) from dz by the kernels:
@@ -307,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
     }
     // The recurrence over the projections in `o`, in place, by one path; final states into `hn`.
     const auto recur = [&](autotune::Path path, const at::Tensor& o, const at::Tensor& hn) {
-      if (path == autotune::Path::kTiles) {
+      if (path == autotune::Path::kKernels) {
         const at::Tensor w_hh_t = recurrent_matrix(k, w_hh.t());
         const Sequence s = l.sequence();
         for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
@@ -369,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const auto* ghn_p = ghn.defined() ? cptr<scalar_t>(ghn) : nullptr;
     // The reverse recurrence into `d` (every element written) by one path.
     const auto recur = [&](autotune::Path path, const at::Tensor& d) {
-      if (path == autotune::Path::kTiles) {
+      if (path == autotune::Path::kKernels) {
         const Sequence s = l.sequence();
         const at::Tensor m = recurrent_matrix(k, w);
         for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
@@ -393,10 +428,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     });
     dz = dzs[static_cast<int>(winner)];
   });
-  if (fused_grads(l, x.scalar_type(), need_grad_x)) return kernel_grads(dz, x, h0, y, w_ih, w, l, need_grad_x);
-  if (slow_gemm(x.scalar_type()))
-    return in_float32(layer_grads, x.scalar_type(), dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
-  return layer_grads(dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
+  const auto grads = [&](autotune::Path path) {
+    if (path == autotune::Path::kKernels) return kernel_grads(dz, x, h0, y, w_ih, w, l, need_grad_x);
+    if (slow_gemm(x.scalar_type()))
+      return in_float32(layer_grads, x.scalar_type(), dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
+    return layer_grads(dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
+  };
+  const PathChoice choice = choose_grads(l, x.scalar_type(), need_grad_x);
+  if (choice.path) return grads(*choice.path);
+  decltype(grads(autotune::Path::kGemm)) results[2];
+  const autotune::Path winner = autotune::measure(choice.key, [&](autotune::Path path) {
+    const int i = static_cast<int>(path);
+    return seconds_of([&] { results[i] = grads(path); });
+  });
+  return std::move(results[static_cast<int>(winner)]);
 }
 
 // ---- one RNNCell step -----------------------------------------------------------------------
@@ -410,27 +455,41 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
   at::Tensor y;
   MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_cell", [&] {
     const auto& k = kernels<storage_t<scalar_t>>();
-    // Small enough that one pass of dot products beats three GEMM calls and their dispatch. The
-    // AVX512-BF16 dot products do 32 multiply-adds an instruction, against a bfloat16 GEMM
-    // (oneDNN) with more overhead per call than float32's, so they stay ahead several times further.
-    const int64_t dot_max_work = knobs::cpu_parallel_min_work.get() * (k.matrix == Matrix::kBf16Pairs ? 8 : 1);
-    if (B * H * (I + H) <= dot_max_work) {
-      y = at::detail::empty_cpu({B, H}, x.scalar_type(), /*pin_memory=*/false);  // no dispatch
-      const auto xc = x.expect_contiguous(), hc = h.expect_contiguous();
-      const auto wi = w_ih.expect_contiguous(), wh = w_hh.expect_contiguous();
-      c10::MaybeOwned<at::Tensor> bi, bh;
-      if (b_ih) {
-        bi = b_ih->expect_contiguous();
-        bh = b_hh->expect_contiguous();
+    // The step as one pass of the kernels' dot products (no GEMM call, no dispatch: ahead while
+    // the step is small) or as ATen GEMMs, then the vectorized nonlinearity.
+    const auto step = [&](autotune::Path path) {
+      if (path == autotune::Path::kKernels) {
+        at::Tensor out = at::detail::empty_cpu({B, H}, x.scalar_type(), /*pin_memory=*/false);  // no dispatch
+        const auto xc = x.expect_contiguous(), hc = h.expect_contiguous();
+        const auto wi = w_ih.expect_contiguous(), wh = w_hh.expect_contiguous();
+        c10::MaybeOwned<at::Tensor> bi, bh;
+        if (b_ih) {
+          bi = b_ih->expect_contiguous();
+          bh = b_hh->expect_contiguous();
+        }
+        k.cell(cptr<scalar_t>(*xc), cptr<scalar_t>(*hc), cptr<scalar_t>(*wi), cptr<scalar_t>(*wh),
+               b_ih ? cptr<scalar_t>(*bi) : nullptr, b_ih ? cptr<scalar_t>(*bh) : nullptr, ptr<scalar_t>(out), B, I, H,
+               relu);
+        return out;
       }
-      k.cell(cptr<scalar_t>(*xc), cptr<scalar_t>(*hc), cptr<scalar_t>(*wi), cptr<scalar_t>(*wh),
-             b_ih ? cptr<scalar_t>(*bi) : nullptr, b_ih ? cptr<scalar_t>(*bh) : nullptr, ptr<scalar_t>(y), B, I, H, relu);
+      at::Tensor out = slow_gemm(x.scalar_type())
+                           ? in_float32(cell_preactivation, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh)
+                           : cell_preactivation(x, h, w_ih, w_hh, b_ih, b_hh);
+      auto* p = ptr<scalar_t>(out);
+      for_elements(B * H, [&](int64_t i0, int64_t i1) { k.activate(p + i0, i1 - i0, relu); });
+      return out;
+    };
+    const PathChoice choice = choose_cell(l, x.scalar_type(), k.matrix == Matrix::kBf16Pairs);
+    if (choice.path) {
+      y = step(*choice.path);
       return;
     }
-    y = slow_gemm(x.scalar_type()) ? in_float32(cell_preactivation, x.scalar_type(), x, h, w_ih, w_hh, b_ih, b_hh)
-                                   : cell_preactivation(x, h, w_ih, w_hh, b_ih, b_hh);
-    auto* p = ptr<scalar_t>(y);
-    for_elements(B * H, [&](int64_t i0, int64_t i1) { k.activate(p + i0, i1 - i0, relu); });
+    at::Tensor ys[2];
+    const autotune::Path winner = autotune::measure(
+        choice.key,
+        [&](autotune::Path path) { return seconds_of([&] { ys[static_cast<int>(path)] = step(path); }); },
+        /*pairs=*/4);
+    y = ys[static_cast<int>(winner)];
   });
   return y;
 }

@@ -69,11 +69,14 @@ def grad_mode(fn: Callable[[], object]) -> torch.set_grad_enabled:
     return torch.set_grad_enabled(getattr(fn, "grad_enabled", True))
 
 
-def _sample(fn: Callable[[], object], calls: int) -> float:
+def _sample(fn: Callable[[], object], calls: int, warm: bool = True) -> float:
     with grad_mode(fn):
-        if calls > 1:
+        if warm:
             # One call off the clock: the implementation timed before this one (another library's
-            # thread pool, its data in the caches) must not land on this sample's first call.
+            # thread pool, its data in the caches) must not land on this sample's first call. On
+            # a shared virtual machine a call after 10 ms of other work (even a Python loop that
+            # touches no memory: the vCPU is preempted, and its caches refilled by whatever ran)
+            # took up to 2x its time in a loop of calls; the first call of a sample pays that.
             fn()
         start = time.perf_counter()
         for _ in range(calls):
@@ -87,15 +90,22 @@ def calibrate(fn: Callable[[], object], warmup: int = WARMUP_CALLS) -> tuple[flo
     timed; after it, one slow call is warm-up enough, and the last warm-up call is the estimate."""
     with grad_mode(fn):
         fn()
-    estimate = _sample(fn, 1)
+    estimate = _sample(fn, 1, warm=False)
     for _ in range(warmup - 2):
         if estimate > SLOW_CALL_S:
             break
-        estimate = _sample(fn, 1)
+        estimate = _sample(fn, 1, warm=False)
     if estimate < MIN_SAMPLE_S:  # a fast call: estimate again over enough calls to trust it
         estimate = _sample(fn, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / max(estimate, 1e-9))))
     calls = min(MAX_CALLS_PER_SAMPLE, max(1, math.ceil(MIN_SAMPLE_S / max(estimate, 1e-9))))
     return estimate, calls
+
+
+def warms(estimate: float) -> bool:
+    """Whether a sample starts with a call off the clock: always, but for calls so slow (beyond
+    ``SLOW_CALL_S``) that doubling their time would crowd out rounds, and where a cold start is a
+    small share of the call."""
+    return estimate <= SLOW_CALL_S
 
 
 def rounds_for(seconds_per_round: float, budget_s: float, min_rounds: int, max_rounds: int) -> int:
@@ -116,7 +126,9 @@ def interleaved(
     down, and a run must not stretch with them.
     """
     names = list(fns)
-    calls = {name: calibrate(fns[name], warmup)[1] for name in names}
+    calibrated = {name: calibrate(fns[name], warmup) for name in names}
+    calls = {name: c for name, (_, c) in calibrated.items()}
+    warm = {name: warms(estimate) for name, (estimate, _) in calibrated.items()}
     samples = {name: [] for name in names}
     gc.collect()
     gc.disable()  # a collection pause would land on whichever call triggered it
@@ -125,7 +137,7 @@ def interleaved(
         for r in range(max_rounds):
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]
-                samples[name].append(_sample(fns[name], calls[name]))
+                samples[name].append(_sample(fns[name], calls[name], warm[name]))
             if r + 1 >= min_rounds and time.perf_counter() - start >= budget_s:
                 break
     finally:

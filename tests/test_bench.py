@@ -324,3 +324,15 @@ def test_cli_rejects_an_unknown_peer(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--peers", "jax,tensorflow"])
     assert "unknown peer 'tensorflow'; valid peers are: jax, onnxruntime, torch.compile" in capsys.readouterr().err
+
+
+def test_a_bfloat16_training_step_needs_well_under_float32s_peak_memory():
+    # The saved activations, the backward's scratch and the gradients stay in the storage dtype:
+    # at this shape they are most of a step's peak (out alone is 16 MB in float32).
+    if registry.unavailable_reason("cpp") is not None:
+        pytest.skip(registry.unavailable_reason("cpp"))
+    from myrnn_fast.benchmark import memory
+
+    shape = (500, 32, 8, 256)
+    f32, bf16 = (memory.step_peak("cpp", dtype, shape) for dtype in ("float32", "bfloat16"))
+    assert f32 > 30 and bf16 < 0.75 * f32, (f32, bf16)

@@ -199,8 +199,10 @@ PYBIND11_MODULE(_C, m) {
           d["threads"] = e.key.threads;
           d["isa"] = e.key.isa;
           d["path"] = autotune::name(e.key.pass, e.path);
-          for (const autotune::Path p : {autotune::Path::kKernels, autotune::Path::kGemm})
-            if (e.seconds[static_cast<int>(p)] > 0) ms[autotune::name(e.key.pass, p)] = e.seconds[static_cast<int>(p)] * 1e3;
+          for (const autotune::Path p : {autotune::Path::kKernels, autotune::Path::kGemm}) {
+            const double seconds = e.seconds[static_cast<int>(p)];
+            if (seconds > 0) ms[autotune::name(e.key.pass, p)] = seconds * 1e3;  // 0: loaded, not timed
+          }
           d["times_ms"] = ms;
           result.append(d);
         }

@@ -231,10 +231,10 @@ PathChoice choose_grads(const Layout& l, at::ScalarType dtype, bool need_grad_x)
 }
 
 // How rnn_cell computes a step: by the kernels' dot products (kKernels) or ATen GEMMs (kGemm).
-// Under cpu_cell auto, measured per kind with cpu_autotune 1; with it off, the kernels up to a size where one pass of
-// dot products still beats three GEMM calls and their dispatch (several times further with
-// AVX512-BF16's pairwise dot products, `pairs`, against oneDNN's bfloat16 GEMM, whose fixed cost
-// per call exceeds float32's).
+// Under cpu_cell auto, measured per kind with cpu_autotune 1; with it off, the kernels up to a
+// size where one pass of dot products still beats three GEMM calls and their dispatch (several
+// times further with AVX512-BF16's pairwise dot products, `pairs`, against oneDNN's bfloat16
+// GEMM, whose fixed cost per call exceeds float32's).
 PathChoice choose_cell(const Layout& l, at::ScalarType dtype, bool pairs) {
   using autotune::Path;
   switch (knobs::cpu_cell.as<knobs::CpuCell>()) {

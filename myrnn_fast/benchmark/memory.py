@@ -6,9 +6,10 @@ Each (implementation, dtype) runs in a fresh process, so one run's freed memory 
 next. That process builds the layer (tanh, CPU), the input (needing its gradient) and the
 output's gradient, reads its resident memory, restarts the kernel's high-water mark (Linux's
 ``/proc/self/clear_refs``; elsewhere the peak so far, ``ru_maxrss``, stands in), runs one forward
-and backward and reads the high-water mark. The difference is the step's peak above its inputs: the saved activations,
-the backward's scratch, the gradients, any copy in another dtype the implementation makes, and
-one-time buffers (a BLAS's workspace), as a user's first training step sees them.
+and backward and reads the high-water mark. The difference is the step's peak above its inputs:
+the saved activations, the backward's scratch, the gradients, any copy in another dtype the
+implementation makes, and one-time buffers (a BLAS's workspace), as a user's first training step
+sees them.
 """
 
 from __future__ import annotations
@@ -71,12 +72,13 @@ def main(argv=None) -> None:
     shape = tuple(int(v) for v in args.shape.split(","))
     dtypes = args.dtypes.split(",")
     print(f"training step peak memory above the inputs (MB), one fresh process each, shape {shape}")
-    print("| implementation | " + " | ".join(dtypes) + " | " + " | ".join(f"{d} / {dtypes[0]}" for d in dtypes[1:]) + " |")
+    ratio_names = [f"{d} / {dtypes[0]}" for d in dtypes[1:]]
+    print("| implementation | " + " | ".join(dtypes + ratio_names) + " |")
     print("| --- |" + " ---: |" * (2 * len(dtypes) - 1))
     for impl in args.backends.split(","):
         peaks = {d: step_peak(impl, d, shape) for d in dtypes}
         ratios = [f"{peaks[d] / peaks[dtypes[0]]:.2f}" for d in dtypes[1:]]
-        print(f"| {impl} | " + " | ".join(f"{peaks[d]:.0f}" for d in dtypes) + " | " + " | ".join(ratios) + " |")
+        print(f"| {impl} | " + " | ".join([f"{peaks[d]:.0f}" for d in dtypes] + ratios) + " |")
 
 
 if __name__ == "__main__":

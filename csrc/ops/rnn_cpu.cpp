@@ -163,19 +163,33 @@ autotune::Key tuning_key(autotune::Pass pass, const Layout& l, at::ScalarType dt
           autotune::bucket(l.seq_len), dtype_name(dtype), at::get_num_threads(), table().isa};
 }
 
+// The route a knob forces, if any: cpu_path, cpu_grads and cpu_cell each list auto (nothing
+// forced), then the kernels' route, then gemm.
+static_assert(static_cast<int>(knobs::CpuPath::kTiles) == 1 && static_cast<int>(knobs::CpuPath::kGemm) == 2 &&
+              static_cast<int>(knobs::CpuGrads::kKernels) == 1 && static_cast<int>(knobs::CpuGrads::kGemm) == 2 &&
+              static_cast<int>(knobs::CpuCell::kKernels) == 1 && static_cast<int>(knobs::CpuCell::kGemm) == 2);
+std::optional<autotune::Path> forced(const knobs::Knob& knob) {
+  switch (knob.get()) {
+    case 1: return autotune::Path::kKernels;
+    case 2: return autotune::Path::kGemm;
+    default: return std::nullopt;
+  }
+}
+
+// The cached choice for this kind of call, or "measure both" on its first call.
+PathChoice measured(autotune::Pass pass, const Layout& l, at::ScalarType dtype) {
+  autotune::Key key = tuning_key(pass, l, dtype);
+  return {autotune::lookup(key), std::move(key)};
+}
+
 PathChoice choose_path(const Layout& l, at::ScalarType dtype, bool backward) {
   using autotune::Path;
-  switch (knobs::cpu_path.as<knobs::CpuPath>()) {
-    case knobs::CpuPath::kTiles: return {Path::kKernels, {}};
-    case knobs::CpuPath::kGemm: return {Path::kGemm, {}};
-    default: break;
-  }
+  if (const auto path = forced(knobs::cpu_path)) return {*path, {}};
   // Path auto never runs a slow 16-bit GEMM once per step: nothing to measure there.
   if (slow_gemm(dtype)) return {Path::kKernels, {}};
   const Path fixed = static_tiles(l.hidden, l.batch) ? Path::kKernels : Path::kGemm;
   if (!knobs::cpu_autotune.get() || l.seq_len == 0) return {fixed, {}};
-  autotune::Key key = tuning_key(backward ? autotune::Pass::kBackward : autotune::Pass::kForward, l, dtype);
-  return {autotune::lookup(key), std::move(key)};
+  return measured(backward ? autotune::Pass::kBackward : autotune::Pass::kForward, l, dtype);
 }
 
 template <typename F>
@@ -218,16 +232,11 @@ int64_t grads_work(const Layout& l, bool need_grad_x) {
 PathChoice choose_grads(const Layout& l, at::ScalarType dtype, bool need_grad_x) {
   using autotune::Path;
   if (l.seq_len == 0) return {Path::kGemm, {}};  // grad_h0 is then grad_h_n itself: layer_grads covers it
-  switch (knobs::cpu_grads.as<knobs::CpuGrads>()) {
-    case knobs::CpuGrads::kKernels: return {Path::kKernels, {}};
-    case knobs::CpuGrads::kGemm: return {Path::kGemm, {}};
-    default: break;
-  }
+  if (const auto path = forced(knobs::cpu_grads)) return {*path, {}};
   if (slow_gemm(dtype)) return {Path::kKernels, {}};
   if (!knobs::cpu_autotune.get())
     return {grads_work(l, need_grad_x) <= knobs::cpu_grads_kernels_max_work.get() ? Path::kKernels : Path::kGemm, {}};
-  autotune::Key key = tuning_key(need_grad_x ? autotune::Pass::kGradsDx : autotune::Pass::kGrads, l, dtype);
-  return {autotune::lookup(key), std::move(key)};
+  return measured(need_grad_x ? autotune::Pass::kGradsDx : autotune::Pass::kGrads, l, dtype);
 }
 
 // How rnn_cell computes a step: by the kernels' dot products (kKernels) or ATen GEMMs (kGemm).
@@ -237,15 +246,8 @@ PathChoice choose_grads(const Layout& l, at::ScalarType dtype, bool need_grad_x)
 // GEMM, whose fixed cost per call exceeds float32's).
 PathChoice choose_cell(const Layout& l, at::ScalarType dtype, bool pairs) {
   using autotune::Path;
-  switch (knobs::cpu_cell.as<knobs::CpuCell>()) {
-    case knobs::CpuCell::kKernels: return {Path::kKernels, {}};
-    case knobs::CpuCell::kGemm: return {Path::kGemm, {}};
-    default: break;
-  }
-  if (knobs::cpu_autotune.get()) {
-    autotune::Key key = tuning_key(autotune::Pass::kCell, l, dtype);
-    return {autotune::lookup(key), std::move(key)};
-  }
+  if (const auto path = forced(knobs::cpu_cell)) return {*path, {}};
+  if (knobs::cpu_autotune.get()) return measured(autotune::Pass::kCell, l, dtype);
   const int64_t dot_max_work = knobs::cpu_parallel_min_work.get() * (pairs ? 8 : 1);
   return {l.batch * l.hidden * (l.input + l.hidden) <= dot_max_work ? Path::kKernels : Path::kGemm, {}};
 }

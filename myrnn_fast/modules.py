@@ -411,29 +411,40 @@ class RNN(nn.Module):
 
     def _layers(self, impl, x, hx, batch_sizes, weights, reverse_index):
         """Stacked layers and both directions over the backend's single-layer ``layer``."""
-        directions = 2 if self.bidirectional else 1
-        per_direction = len(weights) // (self.num_layers * directions)
-        if directions == 2:
-            # The reverse direction is the forward recurrence over reversed sequences.
-            if batch_sizes is None:
-                reverse = lambda t: t.flip(0)  # noqa: E731
-            else:
-                reverse = lambda t: t.index_select(0, reverse_index)  # noqa: E731
-        h_n = []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                w = weights[k * per_direction : (k + 1) * per_direction]
-                w_ih, w_hh, b_ih, b_hh = w if self.bias else (*w, None, None)
-                x_in = reverse(x) if direction else x
-                out, h = impl.layer(x_in, hx[k], w_ih, w_hh, b_ih, b_hh, self.nonlinearity, batch_sizes)
-                outputs.append(reverse(out) if direction else out)
-                h_n.append(h)
-            x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
-        return x, h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n)
+        dropout = self.dropout if self.training else 0.0
+        return stacked_layers(impl, x, hx, weights, batch_sizes, reverse_index, self.num_layers, self.bidirectional,
+                              self.bias, self.nonlinearity, dropout)
+
+
+def stacked_layers(impl, x, hx, weights, batch_sizes, reverse_index, num_layers, bidirectional, bias, nonlinearity,
+                   dropout=0.0):
+    """An RNN's layers and directions over a backend's single-layer ``impl.layer``: ``(out, h_n)``.
+
+    ``weights`` is torch.nn's flat list; ``reverse_index`` (packed bidirectional input) reverses
+    each sequence in place; ``dropout`` is applied between layers, as torch.nn does in training."""
+    directions = 2 if bidirectional else 1
+    per_direction = len(weights) // (num_layers * directions)
+    if directions == 2:
+        # The reverse direction is the forward recurrence over reversed sequences.
+        if batch_sizes is None:
+            reverse = lambda t: t.flip(0)  # noqa: E731
+        else:
+            reverse = lambda t: t.index_select(0, reverse_index)  # noqa: E731
+    h_n = []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w = weights[k * per_direction : (k + 1) * per_direction]
+            w_ih, w_hh, b_ih, b_hh = w if bias else (*w, None, None)
+            x_in = reverse(x) if direction else x
+            out, h = impl.layer(x_in, hx[k], w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
+            outputs.append(reverse(out) if direction else out)
+            h_n.append(h)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+        if dropout and layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    return x, h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n)
 
 
 class RNNCell(nn.Module):

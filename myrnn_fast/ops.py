@@ -97,33 +97,28 @@ def _rnn_cell_fake(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
 # ---- autograd: the forward saves its output; rnn_backward does the rest ---------------------
 
 
-def bias_grads(ctx, grad_b):
+def _bias_grads(ctx, grad_b):
     return (grad_b, grad_b) if ctx.has_bias else (None, None)
 
 
-def save_layer_context(ctx, inputs, out):
+def _rnn_forward_setup(ctx, inputs, output):
     """What rnn_forward's backward needs: the inputs but the biases, and the output."""
     x, h0, w_ih, w_hh, b_ih, _, batch_sizes, nonlinearity = inputs
-    ctx.save_for_backward(x, h0, w_ih, w_hh, out, batch_sizes)
+    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], batch_sizes)
     ctx.nonlinearity = nonlinearity
     ctx.has_bias = b_ih is not None
 
 
-def _rnn_forward_setup(ctx, inputs, output):
-    save_layer_context(ctx, inputs, output[0])
-
-
-def rnn_forward_backward(ctx, grad_out, grad_h_n, kernel=None):
-    """rnn_forward's backward, for the op and for the cpp backend's eager Function (which passes
-    the backward ``kernel`` it calls without the dispatcher; the op ``rnn_backward`` otherwise),
-    or differentiable formulas when autograd records the backward itself (create_graph=True)."""
+def _rnn_forward_backward(ctx, grad_out, grad_h_n):
+    """rnn_forward's backward: the op ``rnn_backward``, or differentiable formulas when autograd
+    records the backward itself (create_graph=True)."""
     x, h0, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
-    backward = _rnn_backward_with_graph if torch.is_grad_enabled() else kernel or rnn_backward
+    backward = _rnn_backward_with_graph if torch.is_grad_enabled() else rnn_backward
     grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b = backward(
         grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes, ctx.nonlinearity, need_x
     )
-    return (grad_x if need_x else None, grad_h0, grad_w_ih, grad_w_hh, *bias_grads(ctx, grad_b), None, None)
+    return (grad_x if need_x else None, grad_h0, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_b), None, None)
 
 
 def _rnn_backward_with_graph(grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes, nonlinearity, need_grad_x):
@@ -145,31 +140,27 @@ def _rnn_backward_with_graph(grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_s
 
 
 torch.library.register_autograd(
-    "myrnn_fast::rnn_forward", rnn_forward_backward, setup_context=_rnn_forward_setup
+    "myrnn_fast::rnn_forward", _rnn_forward_backward, setup_context=_rnn_forward_setup
 )
 
 
-def save_cell_context(ctx, inputs, y):
+def _rnn_cell_setup(ctx, inputs, output):
     x, h, w_ih, w_hh, b_ih, _, nonlinearity = inputs
-    ctx.save_for_backward(x, h, w_ih, w_hh, y)
+    ctx.save_for_backward(x, h, w_ih, w_hh, output)
     ctx.nonlinearity = nonlinearity
     ctx.has_bias = b_ih is not None
 
 
-def _rnn_cell_setup(ctx, inputs, output):
-    save_cell_context(ctx, inputs, output)
-
-
-def rnn_cell_backward(ctx, grad_y, kernel=None):
-    """rnn_cell's backward (``kernel`` as for :func:`rnn_forward_backward`)."""
+def _rnn_cell_backward(ctx, grad_y):
+    """rnn_cell's backward (as :func:`_rnn_forward_backward`)."""
     # A cell step is a one-step layer: its backward is the layer's with T = 1.
     x, h, w_ih, w_hh, y = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
-    backward = _rnn_backward_with_graph if torch.is_grad_enabled() else kernel or rnn_backward
+    backward = _rnn_backward_with_graph if torch.is_grad_enabled() else rnn_backward
     grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b = backward(
         grad_y.unsqueeze(0), None, x.unsqueeze(0), h, w_ih, w_hh, y.unsqueeze(0), None, ctx.nonlinearity, need_x
     )
-    return (grad_x[0] if need_x else None, grad_h, grad_w_ih, grad_w_hh, *bias_grads(ctx, grad_b), None)
+    return (grad_x[0] if need_x else None, grad_h, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_b), None)
 
 
-torch.library.register_autograd("myrnn_fast::rnn_cell", rnn_cell_backward, setup_context=_rnn_cell_setup)
+torch.library.register_autograd("myrnn_fast::rnn_cell", _rnn_cell_backward, setup_context=_rnn_cell_setup)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -349,6 +350,19 @@ def test_tensor_subclasses_go_through_the_ops():
         h = cell(torch.empty(2, 3), torch.empty(2, 5))
     assert isinstance(out, FakeTensor) and out.shape == (4, 2, 5) and h_n.shape == (1, 2, 5)
     assert isinstance(h, FakeTensor) and h.shape == (2, 5)
+
+
+def test_vmap_goes_through_the_ops():
+    # torch.func's wrapped tensors are of type Tensor too: they must reach the ops (and the
+    # dispatcher's batching fallback), not the C++ autograd node, which functorch refuses.
+    rnn, cell = myrnn_fast.RNN(3, 5, backend="cpp"), myrnn_fast.RNNCell(3, 5, backend="cpp")
+    xs, hs = torch.randn(2, 4, 1, 3), torch.randn(2, 1, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "There is a performance drop because we have not yet implemented..."
+        out = torch.func.vmap(lambda x: rnn(x)[0])(xs)
+        h = torch.func.vmap(cell)(xs[:, 0], hs)
+    assert torch.equal(out, torch.stack([rnn(x)[0] for x in xs]))
+    assert torch.equal(h, torch.stack([cell(x, h) for x, h in zip(xs[:, 0], hs)]))
 
 
 def test_torch_compile_in_a_fresh_process():

@@ -27,11 +27,12 @@ CONFIGS = [(1, False), (2, False), (1, True), (3, True)]  # (num_layers, bidirec
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How often each extension entry of the cpp backend ran."""
+    """How often the cpp backend's whole-RNN entry ran (its backward runs inside the C++ node it
+    records: `_recorded_by_the_stack` checks that one)."""
     from myrnn_fast.backends import _cpp
 
     counts = {}
-    for name in ("rnn_stack_forward", "rnn_stack_backward"):
+    for name in ("rnn_stack",):
         entry = getattr(_cpp._C, name)
 
         def counted(*args, _entry=entry, _name=name):
@@ -50,6 +51,12 @@ def _inputs(ours, packed, batch=3):
     else:
         x = randn(5, batch, ours.input_size, seed=1)
     return x, hx
+
+
+def _recorded_by_the_stack(*outputs):
+    """Whether one C++ node of the whole-RNN call (ops/eager.cpp) is every output's grad_fn."""
+    names = {o.grad_fn.name() for o in outputs}
+    return names == {"torch::autograd::CppNode<myrnn_fast::eager::RnnStack>"}
 
 
 def _leaves(x, hx, module):
@@ -79,11 +86,12 @@ def test_stack_equals_the_per_layer_loop_and_torch_nn(calls, path, packed, bias,
     x, hx = _inputs(ours, packed)
     with config.override(cpu_path=path):
         out, h_n = ours(x, hx)
-        assert calls == {"rnn_stack_forward": 1}
+        assert calls == {"rnn_stack": 1}
         data = out.data if packed else out
+        assert _recorded_by_the_stack(data, h_n)
         grad_out = torch.linspace(-1, 1, data.numel(), dtype=data.dtype).reshape(data.shape)
         grads = torch.autograd.grad((data, h_n), _leaves(x, hx, ours), (grad_out, h_n.detach().cos()))
-        assert calls == {"rnn_stack_forward": 1, "rnn_stack_backward": 1}
+        assert calls == {"rnn_stack": 1}
 
         loop_out, loop_h = _per_layer(ours, x, hx)
         loop_grads = torch.autograd.grad((loop_out, loop_h), _leaves(x, hx, ours), (grad_out, h_n.detach().cos()))
@@ -107,7 +115,7 @@ def test_stack_without_grad(calls, layers, bidirectional):
     with torch.no_grad():
         out, h_n = ours(x)
         ref_out, ref_h = ref(x)
-    assert calls == {"rnn_stack_forward": 1}
+    assert calls == {"rnn_stack": 1}
     assert not out.requires_grad and not h_n.requires_grad
     _close(out, ref_out)
     _close(h_n, ref_h)
@@ -119,9 +127,10 @@ def test_stack_gradients_only_where_needed(calls):
     ref, ours = rnn_pair("cpp", 4, 6, 2, bidirectional=True)
     x = randn(5, 3, 4, seed=1, grad=False)
     h_n = ours(x)[1]
+    assert _recorded_by_the_stack(h_n)
     grads = torch.autograd.grad(h_n.sum(), list(ours.parameters()))
     ref_grads = torch.autograd.grad(ref(x)[1].sum(), list(ref.parameters()))
-    assert calls == {"rnn_stack_forward": 1, "rnn_stack_backward": 1}
+    assert calls == {"rnn_stack": 1}
     for a, b in zip(grads, ref_grads):
         _close(a, b)
 
@@ -135,11 +144,11 @@ def test_dropout_between_layers_runs_layer_by_layer(calls):
     out = ours(x)[0]
     torch.manual_seed(3)
     _close(out, ref(x)[0])
-    assert "rnn_stack_forward" not in calls
+    assert calls == {"rnn_stack": 3}  # one call per layer, each a one-layer stack
     ours.eval()
     ref.eval()
     _close(ours(x)[0], ref(x)[0])
-    assert calls == {"rnn_stack_forward": 1}
+    assert calls == {"rnn_stack": 4}
 
 
 @pytest.mark.parametrize("layers,bidirectional", [(2, True)])
@@ -182,5 +191,7 @@ def test_stack_refuses_a_malformed_call():
         _C.rnn_stack_forward(x, hx[:1], weights * 2, None, None, 2, False, False, "tanh", False)
     with pytest.raises(ValueError, match="num_layers"):
         _C.rnn_stack_forward(x, hx, [], None, None, 0, False, False, "tanh", False)
+    with pytest.raises(RuntimeError, match="take 4 weights, got 2"):  # the differentiable entry too
+        _C.rnn_stack(x.requires_grad_(), hx, weights, None, None, 2, False, False, "tanh")
     with pytest.raises(RuntimeError, match="stack_forward saved"):
         _C.rnn_stack_backward(None, None, x, hx, weights * 2, [], None, None, 2, False, False, "tanh", False)

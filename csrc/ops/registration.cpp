@@ -7,6 +7,7 @@
 
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -15,6 +16,7 @@
 #include <pybind11/stl.h>
 
 #include "ops/autotune.h"
+#include "ops/eager.h"
 #include "ops/knobs.h"
 #include "ops/rnn_cpu.h"
 #include "ops/rnn_stack.h"
@@ -61,6 +63,18 @@ std::string build_info() {
   return s.str();
 }
 
+// A kernel as an eager entry point: the caller (a Python autograd.Function, or no graph at all)
+// records autograd, so the ATen ops inside (views, copies, GEMMs) skip the Autograd and
+// ADInplaceOrView dispatch keys, as a kernel registered for a backend key does under the
+// dispatcher. At a tiny shape those two keys cost a third of the call.
+template <typename R, typename... Args>
+auto below_autograd(R (*kernel)(Args...)) {
+  return [kernel](Args... args) -> R {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    return kernel(std::forward<Args>(args)...);
+  };
+}
+
 }  // namespace
 }  // namespace myrnn_fast
 
@@ -99,38 +113,88 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     }
   });
-  // An RNNCell step, or a short sequence, costs a few microseconds of work; the dispatcher and
-  // a Python autograd layer would cost more. The cpp backend calls these when no graph is
-  // being recorded. Like torch's own ops they let other Python threads run meanwhile.
+  // The kernels of one layer and of one cell step, without dispatcher or autograd: what
+  // benchmarks time as "the kernel" (myrnn_fast.benchmark.overhead) and tests compare with the ops.
+  // Like torch's own ops they let other Python threads run meanwhile.
   const auto no_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
-  m.def("rnn_forward_cpu", &cpu::rnn_forward, "rnn_forward's CPU kernel, without dispatch or autograd", no_gil,
-        pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
-        pybind11::arg("b_hh"), pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"));
+  m.def("rnn_forward_cpu", myrnn_fast::below_autograd(&cpu::rnn_forward),
+        "rnn_forward's CPU kernel, without dispatch or autograd", no_gil, pybind11::arg("x"), pybind11::arg("h0"),
+        pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"),
+        pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"));
+  m.def("rnn_cell_cpu", myrnn_fast::below_autograd(&cpu::rnn_cell),
+        "rnn_cell's CPU kernel, without dispatch or autograd", no_gil, pybind11::arg("x"), pybind11::arg("h"),
+        pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"),
+        pybind11::arg("nonlinearity"));
+  m.def("rnn_backward_cpu", myrnn_fast::below_autograd(&cpu::rnn_backward),
+        "rnn_backward's CPU kernel, without dispatch or autograd", no_gil, pybind11::arg("grad_out"),
+        pybind11::arg("grad_h_n"), pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("w_ih"),
+        pybind11::arg("w_hh"), pybind11::arg("out"), pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"),
+        pybind11::arg("need_grad_x"));
+  // The eager route (ops/eager.h): a whole RNN, layers and directions, or an RNNCell step in one
+  // call, on the tensors' device, with its autograd node recorded in C++.
+  namespace stack = myrnn_fast::stack;
+  namespace eager = myrnn_fast::eager;
+  m.def(
+      "rnn_stack",
+      [](const at::Tensor& x, const at::Tensor& hx, const std::vector<at::Tensor>& weights,
+         const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& reverse_index,
+         int64_t num_layers, bool bidirectional, bool bias, std::string_view nonlinearity) {
+        return eager::stack(x, hx, weights, batch_sizes, reverse_index,
+                            {num_layers, bidirectional, bias, nonlinearity});
+      },
+      "[out, h_n] of every layer and direction at once, differentiable", no_gil, pybind11::arg("x"),
+      pybind11::arg("hx"), pybind11::arg("weights"), pybind11::arg("batch_sizes"), pybind11::arg("reverse_index"),
+      pybind11::arg("num_layers"), pybind11::arg("bidirectional"), pybind11::arg("bias"),
+      pybind11::arg("nonlinearity"));
   // A small step is over before another thread could take the GIL: only larger ones let it go.
   m.def(
-      "rnn_cell_cpu",
+      "rnn_cell",
       [](const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity) {
         const int64_t multiply_adds = h.dim() == 2 ? h.size(0) * (w_ih.numel() + w_hh.numel()) : 0;
         if (multiply_adds < myrnn_fast::knobs::cpu_cell_gil_release_min_work.get())
-          return cpu::rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+          return eager::cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
         pybind11::gil_scoped_release no_gil_while_computing;
-        return cpu::rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+        return eager::cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
       },
-      "rnn_cell's CPU kernel, without dispatch or autograd", pybind11::arg("x"), pybind11::arg("h"),
-      pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"),
-      pybind11::arg("nonlinearity"));
-  m.def("rnn_backward_cpu", &cpu::rnn_backward, "rnn_backward's CPU kernel, without dispatch or autograd", no_gil,
-        pybind11::arg("grad_out"), pybind11::arg("grad_h_n"), pybind11::arg("x"), pybind11::arg("h0"),
-        pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("out"), pybind11::arg("batch_sizes"),
-        pybind11::arg("nonlinearity"), pybind11::arg("need_grad_x"));
-  // A whole RNN (layers and directions) in one call, on the tensors' device: see ops/rnn_stack.h.
-  namespace stack = myrnn_fast::stack;
+      "one RNNCell step, differentiable", pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("w_ih"),
+      pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));
+  m.def("autograd_floor", &eager::no_work,
+        "a layer's inputs and outputs through a C++ autograd node that does no work (benchmarks)", pybind11::arg("x"),
+        pybind11::arg("weights"), pybind11::arg("hidden"));
+  m.def(
+      "set_graph_backward",
+      [](pybind11::function fn) {
+        // Kept for the life of the process (never destroyed: the interpreter may be gone by then).
+        auto* held = new pybind11::function(std::move(fn));
+        eager::set_graph_backward([held](const eager::GraphBackwardCall& c) {
+          pybind11::gil_scoped_acquire gil;
+          const auto none_if_undefined = [](const std::vector<at::Tensor>& ts) {
+            std::vector<std::optional<at::Tensor>> out;
+            for (const at::Tensor& t : ts) out.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
+            return out;
+          };
+          try {
+            const auto grads = (*held)(c.kind, none_if_undefined(c.inputs), none_if_undefined(c.grads), c.needed,
+                                       c.batch_sizes, c.reverse_index, c.num_layers, c.bidirectional, c.bias,
+                                       c.nonlinearity)
+                                   .cast<std::vector<std::optional<at::Tensor>>>();
+            std::vector<at::Tensor> result;
+            for (const auto& g : grads) result.push_back(g.value_or(at::Tensor()));
+            return result;
+          } catch (pybind11::error_already_set& e) {
+            throw std::runtime_error(e.what());  // as a C++ error, with the GIL still held
+          }
+        });
+      },
+      "install the differentiable backward that eager calls use under create_graph=True", pybind11::arg("fn"));
+  // The kernels of a whole RNN without autograd (benchmarks and tests): see ops/rnn_stack.h.
   m.def(
       "rnn_stack_forward",
       [](const at::Tensor& x, const at::Tensor& hx, const std::vector<at::Tensor>& weights,
          const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& reverse_index,
          int64_t num_layers, bool bidirectional, bool bias, std::string_view nonlinearity, bool save) {
+        const at::AutoDispatchBelowADInplaceOrView guard;  // as below_autograd
         return stack::stack_forward(x, hx, weights, batch_sizes, reverse_index,
                                     {num_layers, bidirectional, bias, nonlinearity}, save);
       },
@@ -144,6 +208,7 @@ PYBIND11_MODULE(_C, m) {
          const at::Tensor& hx, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& saved,
          const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& reverse_index,
          int64_t num_layers, bool bidirectional, bool bias, std::string_view nonlinearity, bool need_grad_x) {
+        const at::AutoDispatchBelowADInplaceOrView guard;  // as below_autograd
         return stack::stack_backward(grad_out, grad_h_n, x, hx, weights, saved, batch_sizes, reverse_index,
                                      {num_layers, bidirectional, bias, nonlinearity}, need_grad_x);
       },
@@ -155,16 +220,19 @@ PYBIND11_MODULE(_C, m) {
 #ifdef MYRNN_WITH_CUDA
   // The same for CUDA tensors: the kernels only enqueue work on the current stream.
   namespace cuda = myrnn_fast::cuda;
-  m.def("rnn_forward_cuda", &cuda::rnn_forward, "rnn_forward's CUDA kernel, without dispatch or autograd", no_gil,
-        pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
-        pybind11::arg("b_hh"), pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"));
-  m.def("rnn_backward_cuda", &cuda::rnn_backward, "rnn_backward's CUDA kernel, without dispatch or autograd", no_gil,
-        pybind11::arg("grad_out"), pybind11::arg("grad_h_n"), pybind11::arg("x"), pybind11::arg("h0"),
-        pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("out"), pybind11::arg("batch_sizes"),
-        pybind11::arg("nonlinearity"), pybind11::arg("need_grad_x"));
-  m.def("rnn_cell_cuda", &cuda::rnn_cell, "rnn_cell's CUDA kernel, without dispatch or autograd", no_gil,
-        pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
-        pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));
+  m.def("rnn_forward_cuda", myrnn_fast::below_autograd(&cuda::rnn_forward),
+        "rnn_forward's CUDA kernel, without dispatch or autograd", no_gil, pybind11::arg("x"), pybind11::arg("h0"),
+        pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"),
+        pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"));
+  m.def("rnn_backward_cuda", myrnn_fast::below_autograd(&cuda::rnn_backward),
+        "rnn_backward's CUDA kernel, without dispatch or autograd", no_gil, pybind11::arg("grad_out"),
+        pybind11::arg("grad_h_n"), pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("w_ih"),
+        pybind11::arg("w_hh"), pybind11::arg("out"), pybind11::arg("batch_sizes"), pybind11::arg("nonlinearity"),
+        pybind11::arg("need_grad_x"));
+  m.def("rnn_cell_cuda", myrnn_fast::below_autograd(&cuda::rnn_cell),
+        "rnn_cell's CUDA kernel, without dispatch or autograd", no_gil, pybind11::arg("x"), pybind11::arg("h"),
+        pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"),
+        pybind11::arg("nonlinearity"));
 #endif
   // myrnn_fast/config.py owns the knobs' documentation and environment variables.
   m.def("knobs", &myrnn_fast::knobs::values, "every knob's current value, by name");

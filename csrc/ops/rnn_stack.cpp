@@ -14,19 +14,6 @@
 namespace myrnn_fast::stack {
 namespace {
 
-struct LayerKernels {
-  decltype(&cpu::rnn_forward) forward;
-  decltype(&cpu::rnn_backward) backward;
-};
-
-LayerKernels kernels_for(const at::Tensor& x) {
-#ifdef MYRNN_WITH_CUDA
-  if (x.is_cuda()) return {&cuda::rnn_forward, &cuda::rnn_backward};
-#endif
-  TORCH_CHECK(x.is_cpu(), "myrnn_fast: no kernels for tensors on ", x.device());
-  return {&cpu::rnn_forward, &cpu::rnn_backward};
-}
-
 void check_spec(const at::Tensor& hx, const std::vector<at::Tensor>& weights, const Spec& spec) {
   TORCH_CHECK_VALUE(spec.num_layers >= 1, "myrnn_fast: num_layers must be at least 1, got ", spec.num_layers);
   const int64_t layers_directions = spec.num_layers * spec.directions();
@@ -52,13 +39,21 @@ at::Tensor stacked(const std::vector<at::Tensor>& states) {
 
 }  // namespace
 
+DeviceKernels kernels_for(const at::Tensor& x) {
+#ifdef MYRNN_WITH_CUDA
+  if (x.is_cuda()) return {&cuda::rnn_forward, &cuda::rnn_backward, &cuda::rnn_cell};
+#endif
+  TORCH_CHECK(x.is_cpu(), "myrnn_fast: no kernels for tensors on ", x.device());
+  return {&cpu::rnn_forward, &cpu::rnn_backward, &cpu::rnn_cell};
+}
+
 std::vector<at::Tensor> stack_forward(const at::Tensor& x, const at::Tensor& hx, const std::vector<at::Tensor>& weights,
                                       const std::optional<at::Tensor>& batch_sizes,
                                       const std::optional<at::Tensor>& reverse_index, const Spec& spec, bool save) {
   check_spec(hx, weights, spec);
   TORCH_CHECK(!spec.bidirectional || !batch_sizes || reverse_index,
               "myrnn_fast: a bidirectional stack over packed input needs reverse_index");
-  const LayerKernels k = kernels_for(x);
+  const DeviceKernels k = kernels_for(x);
   const int64_t D = spec.directions(), P = spec.per_direction();
   std::vector<at::Tensor> h_n(spec.num_layers * D), inputs, outs;
   at::Tensor input = x;
@@ -90,7 +85,7 @@ std::vector<at::Tensor> stack_backward(const std::optional<at::Tensor>& grad_out
                                        const std::optional<at::Tensor>& reverse_index, const Spec& spec,
                                        bool need_grad_x) {
   check_spec(hx, weights, spec);
-  const LayerKernels k = kernels_for(x);
+  const DeviceKernels k = kernels_for(x);
   const int64_t L = spec.num_layers, D = spec.directions(), P = spec.per_direction(), H = hx.size(2);
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == (L - 1) + L * D, "myrnn_fast: stack_backward takes the ",
               (L - 1) + L * D, " tensors stack_forward saved, got ", saved.size());

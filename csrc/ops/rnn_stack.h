@@ -1,10 +1,12 @@
 // A whole RNN (every layer, both directions) in one call: what the module layer's loop over
-// layers and directions does (myrnn_fast/modules.py, RNN._layers), for an eager call whose
+// layers and directions does (myrnn_fast/modules.py, stacked_layers), for an eager call whose
 // Python cost per layer and direction would exceed a small layer's work. No dispatcher and no
-// autograd here: the cpp backend's autograd.Function (myrnn_fast/backends/_cpp.py) wraps
-// stack_forward and stack_backward, and everything that traces (torch.compile, torch.export,
-// TorchScript) records the per-layer ops instead.
+// autograd here: ops/eager.cpp's autograd node wraps stack_forward and stack_backward, and
+// everything that traces (torch.compile, torch.export, TorchScript) records the per-layer ops
+// instead.
 #pragma once
+
+#include "ops/rnn_cpu.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -24,6 +26,15 @@ struct Spec {
   int64_t directions() const { return bidirectional ? 2 : 1; }
   int64_t per_direction() const { return bias ? 4 : 2; }
 };
+
+// The kernels for the tensors' device (ops/rnn_cpu.h, ops/rnn_cuda.h); a device with none is
+// an error.
+struct DeviceKernels {
+  decltype(&cpu::rnn_forward) forward;
+  decltype(&cpu::rnn_backward) backward;
+  decltype(&cpu::rnn_cell) cell;
+};
+DeviceKernels kernels_for(const at::Tensor& x);
 
 // The stack's forward over x [T, B, I] (or packed rows [N, I] with batch_sizes, and then
 // reverse_index, the permutation that reverses each sequence in place, for a bidirectional stack).

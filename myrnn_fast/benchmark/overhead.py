@@ -9,9 +9,11 @@ For one layer (float32, tanh, on the CPU) it times, interleaved in the same roun
   forward costs above its kernel (issue 13 asks for at most 10 us);
 - ``kernels fwd+bwd``: the forward and backward kernels called back to back; ``module fwd+bwd``:
   a training step as ``myrnn-fast bench`` times it (input, h0-free, every weight's gradient);
-- ``autograd floor``: the same training step through a do-nothing ``autograd.Function`` with the
-  same inputs and outputs (empty results, no arithmetic): what PyTorch's eager autograd itself
-  costs for that call (graph, engine, gradient accumulation), which no extension can avoid;
+- ``autograd floor``: the same training step through a do-nothing C++ autograd node with the
+  same inputs and outputs (``_C.autograd_floor``: empty results, no arithmetic): what PyTorch's
+  eager autograd itself costs for that call (graph, engine, gradient accumulation), which no
+  extension can avoid; ``Function floor``: the same through a do-nothing Python
+  ``autograd.Function``, which is what a Python-side autograd would add;
 - ``torch.nn fwd+bwd``: the baseline.
 
 The training step's own overhead is ``module fwd+bwd - kernels fwd+bwd``; the part of it that
@@ -89,7 +91,8 @@ def callables(shape) -> dict:
         "module fwd": module_fwd,
         "kernels fwd+bwd": kernels_fwd_bwd,
         "module fwd+bwd": step(ours, lambda: ours(x)),
-        "autograd floor": step(ref, lambda: _Nothing.apply(x, *ref.parameters())),
+        "autograd floor": step(ref, lambda: _C.autograd_floor(x, list(ref.parameters()), H)),
+        "Function floor": step(ref, lambda: _Nothing.apply(x, *ref.parameters())),
         "torch.nn fwd+bwd": step(ref, lambda: ref(x)),
     }
 
@@ -106,7 +109,7 @@ def measure(shapes=SHAPES, budget_s: float = 2.0) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     columns = ["kernel fwd", "module fwd", "fwd overhead", "kernels fwd+bwd", "module fwd+bwd",
-               "fwd+bwd overhead", "autograd floor", "torch.nn fwd+bwd"]
+               "fwd+bwd overhead", "autograd floor", "Function floor", "torch.nn fwd+bwd"]
     lines = ["| T, B, I, H | " + " | ".join(f"{c} (us)" for c in columns) + " |",
              "| --- | " + " | ".join("---:" for _ in columns) + " |"]
     for row in rows:

@@ -1,0 +1,54 @@
+// The cpp backend's eager route (myrnn_fast/backends/_cpp.py says which calls take it): a whole
+// RNN (every layer and direction) or one RNNCell step in one call from Python, with its autograd
+// node recorded here, in C++. A Python autograd.Function costs some 70 us per training step of
+// its own (its apply, the engine's call back into Python, the backward's unpacking), more than a
+// short sequence's whole work; a C++ node costs a few. Everything that records or transforms a
+// program takes the registered ops instead (myrnn_fast/ops.py).
+#pragma once
+
+#include "ops/rnn_stack.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace myrnn_fast::eager {
+
+// What a backward with create_graph=True hands to the differentiable fallback (set_graph_backward):
+// the call's inputs as autograd saw them, the upstream gradients and which inputs need theirs.
+struct GraphBackwardCall {
+  std::string kind;                          // "stack" or "cell"
+  std::vector<at::Tensor> inputs;            // stack: x, hx, weights...; cell: x, h, w_ih, w_hh, b_ih, b_hh
+  std::vector<at::Tensor> grads;             // stack: grad_out, grad_h_n; cell: grad_h'; undefined: none
+  std::vector<bool> needed;                  // per input
+  std::optional<at::Tensor> batch_sizes, reverse_index;  // stack only
+  int64_t num_layers;
+  bool bidirectional, bias;
+  std::string nonlinearity;
+};
+
+// A backward recorded for double backward cannot run the kernels: their gradients would have no
+// graph. It calls this instead (installed from Python, where the torch backend's differentiable
+// formulas live), which returns one gradient per input (undefined where none is needed).
+using GraphBackward = std::function<std::vector<at::Tensor>(const GraphBackwardCall&)>;
+void set_graph_backward(GraphBackward fn);
+
+// {out, h_n} of the whole stack (stack::stack_forward's arguments), recording one autograd node
+// when grad mode is on and an input requires grad.
+std::vector<at::Tensor> stack(const at::Tensor& x, const at::Tensor& hx, const std::vector<at::Tensor>& weights,
+                              const std::optional<at::Tensor>& batch_sizes,
+                              const std::optional<at::Tensor>& reverse_index, const stack::Spec& spec);
+
+// One RNNCell step h' (the rnn_cell op's arguments), recording its node as `stack` does.
+at::Tensor cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                c10::string_view nonlinearity);
+
+// For benchmarks: a node with a layer's inputs (x [T, B, I] and its weights) and outputs
+// ({out [T, B, hidden], h_n [1, B, hidden]}, uninitialized) that does no work, forward or backward.
+std::vector<at::Tensor> no_work(const at::Tensor& x, const std::vector<at::Tensor>& weights, int64_t hidden);
+
+}  // namespace myrnn_fast::eager

@@ -85,6 +85,10 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
+# Whether autocast is on for any device type (torch 2.3+); otherwise always ask _autocast_dtype.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast_cast(t: Tensor | None, dtype: torch.dtype, device_type: str) -> Tensor | None:
     # Autocast's own rule (cached_cast): floating tensors on its device, except float64.
     if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.device.type != device_type:
@@ -95,6 +99,8 @@ def _autocast_cast(t: Tensor | None, dtype: torch.dtype, device_type: str) -> Te
 def _under_autocast(x: Tensor, hx: Tensor, weights):
     """``(dtype, x, hx, weights)``: under autocast, its dtype and the tensors cast as autocast
     casts them; otherwise ``None`` and the tensors as they are."""
+    if not _any_autocast():  # one call where autocast is off everywhere, the usual case
+        return None, x, hx, weights
     dtype = _autocast_dtype(x.device)
     if dtype is None:
         return None, x, hx, weights
@@ -399,15 +405,13 @@ class RNN(nn.Module):
         reverse_index = None
         if self.bidirectional and batch_sizes is not None:
             reverse_index = _reverse_index(batch_sizes).to(x.device)
-
-        def per_layer(x, hx, weights):
-            return self._layers(impl, x, hx, batch_sizes, weights, reverse_index)
-
         stack = getattr(impl, "stack", None)
-        if stack is None or (self.dropout and self.training and self.num_layers > 1):
-            return per_layer(x, hx, weights)
-        return stack(x, hx, weights, self.num_layers, self.bidirectional, self.bias, self.nonlinearity,
-                     batch_sizes, reverse_index, per_layer)
+        if stack is not None and not (self.dropout and self.training and self.num_layers > 1):
+            result = stack(x, hx, weights, self.num_layers, self.bidirectional, self.bias, self.nonlinearity,
+                           batch_sizes, reverse_index)
+            if result is not None:
+                return result
+        return self._layers(impl, x, hx, batch_sizes, weights, reverse_index)
 
     def _layers(self, impl, x, hx, batch_sizes, weights, reverse_index):
         """Stacked layers and both directions over the backend's single-layer ``layer``."""

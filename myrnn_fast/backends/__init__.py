@@ -18,12 +18,12 @@ Every backend computes a single layer in a single direction of the Elman recurre
 ``cell(x [B, I], h [B, H], w_ih, w_hh, b_ih, b_hh, nonlinearity) -> h' [B, H]`` is optional: a
 backend without it runs ``RNNCell`` as a one-step ``layer``.
 
-``stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_sizes, reverse_index,
-per_layer) -> (out, h_n)`` is optional too: the module layer's loop over layers and directions
+``stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_sizes, reverse_index)
+-> (out, h_n) | None`` is optional too: the module layer's loop over layers and directions
 in one call, for a backend whose per-call overhead would otherwise be paid per layer and
-direction (``cpp``). It must equal ``per_layer(x, hx, weights)`` (that loop over ``layer``), which
-it may also call itself where it does not apply. The module never uses it while dropout draws
-masks between layers.
+direction (``cpp``). It must equal that loop over ``layer`` (``modules.stacked_layers``), and
+returns ``None`` where it does not apply, for the module to run the loop. The module never uses
+it while dropout draws masks between layers.
 
 Names, the same in every backend: ``batch_sizes`` is the active rows per step (a tensor here, a
 ``list[int]`` inside the Python backends, an int64 array in the numba kernels), ``seq_len`` a

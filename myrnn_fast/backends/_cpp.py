@@ -94,18 +94,16 @@ def layer(
     return out, h_n[0]
 
 
-def stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_sizes, reverse_index, per_layer):
-    """The whole RNN, every layer and direction, in one call: ``(out, h_n [layers * directions, B, H])``.
-
-    The module layer's own loop (``per_layer(x, hx, weights)``, over :func:`layer`) computes the
-    same; it runs instead where this call does not apply: complex tensors, and everything that
-    records a program (the module docstring). ``weights`` is the flat list in torch.nn's order;
-    ``reverse_index`` (packed and bidirectional input only) reverses each sequence in place.
+def stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_sizes, reverse_index):
+    """The whole RNN, every layer and direction, in one call: ``(out, h_n [layers * directions, B, H])``,
+    or ``None`` where this call does not apply (complex tensors, and everything that records a
+    program: the module docstring), for the module to run its loop over :func:`layer`.
+    ``weights`` is the flat list in torch.nn's order; ``reverse_index`` (packed and bidirectional
+    input only) reverses each sequence in place.
     """
     if x.is_complex() or not _eager(x):
-        return per_layer(x, hx, weights)
-    out, h_n = _C.rnn_stack(x, hx, weights, batch_sizes, reverse_index, num_layers, bidirectional, bias, nonlinearity)
-    return out, h_n
+        return None
+    return _C.rnn_stack(x, hx, weights, batch_sizes, reverse_index, num_layers, bidirectional, bias, nonlinearity)
 
 
 def cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):

@@ -195,3 +195,26 @@ def test_stack_refuses_a_malformed_call():
         _C.rnn_stack(x.requires_grad_(), hx, weights, None, None, 2, False, False, "tanh")
     with pytest.raises(RuntimeError, match="stack_forward saved"):
         _C.rnn_stack_backward(None, None, x, hx, weights * 2, [], None, None, 2, False, False, "tanh", False)
+
+
+def test_the_node_checks_its_saved_tensors_as_autograd_does():
+    """The C++ node's saved tensors go through autograd's SavedVariable: a second backward, or a
+    weight changed in place after the forward, is the error torch.nn gives; saved-tensor hooks
+    (activation offloading, checkpointing) see what it saves."""
+    _, ours = rnn_pair("cpp", 3, 4, 1)
+    x = randn(5, 2, 3, seed=1)
+    out = ours(x)[0]
+    out.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()
+    out = ours(x)[0]
+    with torch.no_grad():
+        ours.weight_hh_l0.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
+        out = ours(x)[0]
+    assert any(t is x for t in packed) and any(t is ours.weight_hh_l0 for t in packed)
+    grad = torch.autograd.grad(out.sum(), x)[0]
+    assert torch.equal(grad, torch.autograd.grad(ours(x)[0].sum(), x)[0])

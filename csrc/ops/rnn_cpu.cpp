@@ -79,16 +79,11 @@ template <> struct Storage<at::Half> { using type = f16; };
 template <typename T> using storage_t = typename Storage<T>::type;
 
 template <typename S> const Kernels<S>& kernels();
-// The kernels a recurrence over `batch` rows takes. A single row's step is one chain of dependent
-// multiply-adds, and AVX512-BF16's pairwise vdpbf16ps has about twice an FMA's latency; with a
-// float32 copy of the state (the kFloatScratch kernels of the AVX-512 table below it) the chain is
-// float32's. So bfloat16 at B = 1 takes those.
+// The kernels a recurrence over `batch` rows takes: bfloat16 at B = 1 those of
+// KernelTable::b16_one_row (a single row's step is one dependent chain; see there).
 template <typename S> const Kernels<S>& kernels_for_batch(int64_t batch) {
   if constexpr (std::is_same_v<S, bf16>) {
-    const auto& tables = supported_tables();
-    const KernelTable& t = table();
-    if (batch == 1 && t.b16.matrix == Matrix::kBf16Pairs && &t == tables.back() && tables.size() > 1)
-      return tables[tables.size() - 2]->b16;
+    if (batch == 1) return table().b16_one_row;
   }
   return kernels<S>();
 }

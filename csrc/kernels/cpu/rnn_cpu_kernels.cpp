@@ -157,6 +157,10 @@ template <> inline void store(f16* p, vfloat v) {
 // load(p) gives after store(p, v)).
 template <typename S> inline vfloat rounded(vfloat v);
 template <> inline vfloat rounded<bf16>(vfloat v) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+  const __m256i h = bits_as<__m256i>(_mm512_cvtneps_pbh(bits_as<__m512>(v)));
+  return bits_as<vfloat>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#endif
   const vuint32 b = bits_as<vuint32>(v);
   const vuint32 r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
   const vuint32 nan = bits_as<vuint32>(v != v);
@@ -304,6 +308,11 @@ constexpr bool kFloatScratch = (std::is_same_v<T, bf16> && !kPairs) || std::is_s
 // The type the kernels take the recurrent matrix m in.
 template <typename T> using matrix_t = std::conditional_t<kFloatScratch<T>, float, T>;
 
+// Whether kernels over storage T with the matrix in M keep the float scratch: exactly when M is
+// float and T is not. That is matrix_t<T>'s choice, or, for bfloat16 with pairs, the single-row
+// variant (Kernels<bf16> of KernelTable::b16_one_row).
+template <typename T, typename M> constexpr bool kScratch = std::is_same_v<M, float> && !std::is_same_v<T, float>;
+
 // Where m[k][j] is in the recurrent matrix's layout (see kPairs).
 template <typename M> constexpr int64_t m_index(int64_t k, int64_t j, int64_t H) {
   if constexpr (std::is_same_v<M, bf16> && kPairs) return (k / 2) * 2 * H + 2 * j + (k & 1);
@@ -384,7 +393,7 @@ inline void tile(const Operands<T, A, M>& o, int64_t j) {
       store(o.dst + at, out);
       // The float state is the stored value widened back, computed in registers: reading dst
       // back would put a store-to-load round trip on the step's critical path.
-      if constexpr (kFloatScratch<T>) store(o.dst_float + at, rounded<T>(out));
+      if constexpr (kScratch<T, M>) store(o.dst_float + at, rounded<T>(out));
     }
 }
 
@@ -406,7 +415,7 @@ inline void rows(const Operands<T, A, M>& o) {
       for (int64_t k = 0; k < H; ++k) acc += widen(o.prev[r * H + k]) * widen(o.m[m_index<M>(k, j, H)]);
       o.dst[r * H + j] = narrow<T>(E == Epilogue::kActivate ? act_scalar(acc, o.relu)
                                                             : acc * dact_scalar(widen(o.y[r * H + j]), o.relu));
-      if constexpr (kFloatScratch<T>) o.dst_float[r * H + j] = widen(o.dst[r * H + j]);
+      if constexpr (kScratch<T, M>) o.dst_float[r * H + j] = widen(o.dst[r * H + j]);
     }
   }
 }
@@ -422,16 +431,16 @@ inline void step_rows(const Operands<T, A, M>& o, int64_t r0, int64_t r1) {
   if (r < r1) rows<T, 1, E>(o.at_row(r));
 }
 
-// With kFloatScratch<T>, the float state of rows [0, r1): the previous step's and the current
+// With kScratch<T, M>, the float state of rows [0, r1): the previous step's and the current
 // one's, swapped after every step (indexed by absolute row, so rows [r0, r1) of both are used).
-template <typename T>
+template <typename T, typename M>
 struct StateScratch {
-  using A = std::conditional_t<kFloatScratch<T>, float, T>;
+  using A = std::conditional_t<kScratch<T, M>, float, T>;
   std::vector<float> buffer;
   float* prev = nullptr;
   float* cur = nullptr;
   StateScratch(int64_t rows, int64_t H) {
-    if constexpr (kFloatScratch<T>) {
+    if constexpr (kScratch<T, M>) {
       buffer.resize(2 * rows * H);
       prev = buffer.data();
       cur = prev + rows * H;
@@ -440,16 +449,15 @@ struct StateScratch {
   void swap() { std::swap(prev, cur); }
 };
 
-template <typename T>
+template <typename T, typename M = matrix_t<T>>
 void forward(const Sequence& s, T* out, const T* h0, const void* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1) {
-  using M = matrix_t<T>;
   const int64_t H = s.hidden;
-  StateScratch<T> scratch(r1, H);
-  Operands<T, typename StateScratch<T>::A, M> o;
+  StateScratch<T, M> scratch(r1, H);
+  Operands<T, typename StateScratch<T, M>::A, M> o;
   o.m = static_cast<const M*>(w_hh_t);
   o.H = H;
   o.relu = relu;
-  if constexpr (kFloatScratch<T>) {
+  if constexpr (kScratch<T, M>) {
     for (int64_t i = r0 * H; i < r1 * H; ++i) scratch.prev[i] = widen(h0[i]);
     o.prev = scratch.prev;
   } else {
@@ -468,7 +476,7 @@ void forward(const Sequence& s, T* out, const T* h0, const void* w_hh_t, T* h_n,
     const int64_t first_done = std::max(r0, std::min(active, step.next_batch_size));
     if (active > first_done)
       std::memcpy(h_n + first_done * H, cur + first_done * H, (active - first_done) * H * sizeof(T));
-    if constexpr (kFloatScratch<T>) {
+    if constexpr (kScratch<T, M>) {
       scratch.swap();
       o.prev = scratch.prev;
     } else {
@@ -477,14 +485,13 @@ void forward(const Sequence& s, T* out, const T* h0, const void* w_hh_t, T* h_n,
   }
 }
 
-template <typename T>
+template <typename T, typename M = matrix_t<T>>
 void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const void* w_hh,
               bool relu, int64_t r0, int64_t r1) {
   using V = vec<T>;
-  using M = matrix_t<T>;
   constexpr int W = kLanes<T>;
   const int64_t H = s.hidden;
-  StateScratch<T> scratch(r1, H);
+  StateScratch<T, M> scratch(r1, H);
   for (int64_t t = s.seq_len - 1; t >= 0; --t) {
     const Step step = step_at(s, t);
     const int64_t active = std::min(r1, step.batch_size);
@@ -494,9 +501,9 @@ void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, co
     // Rows still running at t+1 receive dz_{t+1} W_hh ...
     const int64_t carried = std::max(r0, std::min(active, step.next_batch_size));
     if (carried > r0) {
-      Operands<T, typename StateScratch<T>::A, M> o;
+      Operands<T, typename StateScratch<T, M>::A, M> o;
       o.init = g;
-      if constexpr (kFloatScratch<T>)
+      if constexpr (kScratch<T, M>)
         o.prev = scratch.prev;
       else
         o.prev = dz + step_at(s, t + 1).offset * H;  // carried rows exist, so step t + 1 does
@@ -516,13 +523,13 @@ void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, co
         V acc = g ? load(g + r * H + j) : V{};
         if (grad_h_n) acc += load(grad_h_n + r * H + j);
         store(dz + row + j, acc * dact_vec(load(out + row + j), relu));
-        if constexpr (kFloatScratch<T>) store(scratch.cur + r * H + j, load(dz + row + j));
+        if constexpr (kScratch<T, M>) store(scratch.cur + r * H + j, load(dz + row + j));
       }
       for (; j < H; ++j) {
         using C = compute_t<T>;
         const C acc = (g ? widen(g[r * H + j]) : C(0)) + (grad_h_n ? widen(grad_h_n[r * H + j]) : C(0));
         dz[row + j] = narrow<T>(acc * dact_scalar(widen(out[row + j]), relu));
-        if constexpr (kFloatScratch<T>) scratch.cur[r * H + j] = widen(dz[row + j]);
+        if constexpr (kScratch<T, M>) scratch.cur[r * H + j] = widen(dz[row + j]);
       }
     }
     scratch.swap();
@@ -794,6 +801,16 @@ constexpr Kernels<T> kernels_for() {
           &cell<T>,     &grads<T>,    &grads_finish<T>,       matrix};
 }
 
+// bfloat16 for a single row: the recurrences with the float scratch and m in float32, the rest
+// as kernels_for<bf16>().
+constexpr Kernels<bf16> kernels_for_one_row() {
+  Kernels<bf16> k = kernels_for<bf16>();
+  k.forward = &forward<bf16, float>;
+  k.backward = &backward<bf16, float>;
+  k.matrix = Matrix::kFloat;
+  return k;
+}
+
 }  // namespace
 }  // namespace MYRNN_ISA
 
@@ -803,7 +820,8 @@ constexpr Kernels<T> kernels_for() {
 const KernelTable& MYRNN_CAT(kernels_, MYRNN_ISA)() {
   static const KernelTable table{MYRNN_STR(MYRNN_ISA),          MYRNN_ISA::kernels_for<float>(),
                                  MYRNN_ISA::kernels_for<double>(), MYRNN_ISA::kernels_for<bf16>(),
-                                 MYRNN_ISA::kernels_for<f16>(),    MYRNN_ISA::kConversions};
+                                 MYRNN_ISA::kernels_for_one_row(), MYRNN_ISA::kernels_for<f16>(),
+                                 MYRNN_ISA::kConversions};
   return table;
 }
 

@@ -526,3 +526,18 @@ def test_bfloat16_single_row_runs_float_scratch_with_native_conversions(nonlinea
         results.append((out, h_n, *grads))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batch,hidden", [(5, 6), (4, 4), (1, 3), (9, 33)])
+def test_cell_kernel_gives_a_row_the_same_result_wherever_it_sits(batch, hidden):
+    # The cell kernels work in blocks of rows and units (4 x 4 with AVX512-BF16): a row repeated
+    # at the last position, inside a partial block, must come out bit-identical to the first.
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cell = myrnn_fast.RNNCell(7, hidden, backend="cpp").to(dtype)
+        x, h = torch.randn(batch, 7, dtype=dtype), torch.randn(batch, hidden, dtype=dtype)
+        x[-1], h[-1] = x[0], h[0]
+        with config.override(cpu_cell="kernels"), torch.no_grad():
+            y = cell(x, h)
+            alone = cell(x[:1], h[:1])
+        assert torch.equal(y[-1], y[0]) and torch.equal(y[0], alone[0]), dtype

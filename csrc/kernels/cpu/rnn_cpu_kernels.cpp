@@ -776,10 +776,94 @@ inline compute_t<T> dot(const T* a, const T* b, int64_t n) {
   return sum;
 }
 
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+// The four sums of a0..a3's lanes.
+inline void sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* out) {
+  // 128-bit lanes: [a0 + a0 upper half, a1 + a1 upper half], the same for a2, a3; then one lane
+  // per vector; then the four values within each lane.
+  const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)));
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(1, 0, 3, 2)));
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, u);
+  for (int i = 0; i < 4; ++i) out[i] = lanes[4 * i];
+}
+
+// z[r][c] += sum_k a[r][k] w[c][k] for k < n, for 4 rows a[r] and 4 rows w[c]: each loaded
+// vector feeds four vdpbf16ps, and the 16 sums are reduced four at a time.
+inline void dots4x4(const bf16* const (&a)[4], const bf16* const (&w)[4], int64_t n, float (&z)[4][4]) {
+  __m512 acc[4][4];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  const auto block = [&](int64_t k, __mmask32 mask) {
+    __m512bh av[4], wv[4];
+    for (int r = 0; r < 4; ++r) av[r] = bits_as<__m512bh>(_mm512_maskz_loadu_epi16(mask, a[r] + k));
+    for (int c = 0; c < 4; ++c) wv[c] = bits_as<__m512bh>(_mm512_maskz_loadu_epi16(mask, w[c] + k));
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[r], wv[c]);
+  };
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) block(k, ~__mmask32{0});
+  if (k < n) block(k, static_cast<__mmask32>((uint64_t{1} << (n - k)) - 1));
+  for (int r = 0; r < 4; ++r) {
+    float sums[4];
+    sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], sums);
+    for (int c = 0; c < 4; ++c) z[r][c] += sums[c];
+  }
+}
+
+// The bfloat16 cell step in blocks of 4 rows by 4 units. A block past the last row or unit
+// repeats the last one (and stores nothing for it), so every value is the same sum whatever its
+// position.
+inline void cell_blocks(const bf16* x, const bf16* h, const bf16* w_ih, const bf16* w_hh, const bf16* b_ih,
+                        const bf16* b_hh, bf16* y, int64_t batch, int64_t input, int64_t hidden) {
+  for (int64_t b = 0; b < batch; b += 4) {
+    const bf16* xr[4];
+    const bf16* hr[4];
+    for (int r = 0; r < 4; ++r) {
+      const int64_t row = std::min(b + r, batch - 1);
+      xr[r] = x + row * input;
+      hr[r] = h + row * hidden;
+    }
+    for (int64_t j = 0; j < hidden; j += 4) {
+      const bf16* wi[4];
+      const bf16* wh[4];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t unit = std::min(j + c, hidden - 1);
+        wi[c] = w_ih + unit * input;
+        wh[c] = w_hh + unit * hidden;
+      }
+      float zx[4][4] = {}, zh[4][4] = {};
+      dots4x4(xr, wi, input, zx);
+      dots4x4(hr, wh, hidden, zh);
+      for (int r = 0; r < 4 && b + r < batch; ++r)
+        for (int c = 0; c < 4 && j + c < hidden; ++c) {
+          float v = zx[r][c] + zh[r][c];
+          if (b_ih) v += widen(b_ih[j + c]) + widen(b_hh[j + c]);
+          y[(b + r) * hidden + j + c] = narrow<bf16>(v);
+        }
+    }
+  }
+}
+#endif
+
 template <typename T>
 void cell(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* y,
           int64_t batch, int64_t input, int64_t hidden, bool relu) {
-  for (int64_t b = 0; b < batch; ++b) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, bf16>) {
+    cell_blocks(x, h, w_ih, w_hh, b_ih, b_hh, y, batch, input, hidden);
+    for (int64_t b = 0; b < batch; ++b) activate(y + b * hidden, hidden, relu);
+    return;
+  }
+#endif
+  int64_t b = 0;
+  for (; b < batch; ++b) {
     const T* xb = x + b * input;
     const T* hb = h + b * hidden;
     T* yb = y + b * hidden;

@@ -147,8 +147,7 @@ std::vector<at::Tensor> stack(const at::Tensor& x, const at::Tensor& hx, const s
                               const std::optional<at::Tensor>& reverse_index, const stack::Spec& spec) {
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || hx.requires_grad() || any_requires_grad(weights))) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::vector<at::Tensor> result = stack::stack_forward(x, hx, weights, batch_sizes, reverse_index, spec, false);
-    return result;
+    return stack::stack_forward(x, hx, weights, batch_sizes, reverse_index, spec, /*save=*/false);
   }
   return RnnStack::apply(x, hx, at::TensorList(weights), StackArgs{batch_sizes, reverse_index, spec});
 }

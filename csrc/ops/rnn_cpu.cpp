@@ -102,7 +102,7 @@ at::Tensor recurrent_matrix(const Kernels<S>& k, const at::Tensor& m) {
     at::Tensor f = at::empty(m.sizes(), m.options().dtype(at::kFloat));
     const int64_t rows = m.size(0), cols = m.size(1), s0 = m.stride(0), s1 = m.stride(1);
     float* dst = f.data_ptr<float>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "recurrent_matrix", [&] {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(m.scalar_type(), "recurrent_matrix", [&] {  // kFloat: 16-bit only
       const scalar_t* src = m.const_data_ptr<scalar_t>();
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<float>(src[r * s0 + c * s1]);

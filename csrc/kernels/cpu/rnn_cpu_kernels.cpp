@@ -817,27 +817,27 @@ inline void dots4x4(const bf16* const (&a)[4], const bf16* const (&w)[4], int64_
   }
 }
 
+// Rows i0 .. i0 + 3 of a [n, input] and b [n, hidden], the last row repeated past n - 1.
+inline void four_rows(const bf16* a, const bf16* b, int64_t i0, int64_t n, int64_t input, int64_t hidden,
+                      const bf16* (&ra)[4], const bf16* (&rb)[4]) {
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = std::min(i0 + i, n - 1);
+    ra[i] = a + row * input;
+    rb[i] = b + row * hidden;
+  }
+}
+
 // The bfloat16 cell step in blocks of 4 rows by 4 units. A block past the last row or unit
 // repeats the last one (and stores nothing for it), so every value is the same sum whatever its
 // position.
 inline void cell_blocks(const bf16* x, const bf16* h, const bf16* w_ih, const bf16* w_hh, const bf16* b_ih,
                         const bf16* b_hh, bf16* y, int64_t batch, int64_t input, int64_t hidden) {
   for (int64_t b = 0; b < batch; b += 4) {
-    const bf16* xr[4];
-    const bf16* hr[4];
-    for (int r = 0; r < 4; ++r) {
-      const int64_t row = std::min(b + r, batch - 1);
-      xr[r] = x + row * input;
-      hr[r] = h + row * hidden;
-    }
+    const bf16 *xr[4], *hr[4];
+    four_rows(x, h, b, batch, input, hidden, xr, hr);
     for (int64_t j = 0; j < hidden; j += 4) {
-      const bf16* wi[4];
-      const bf16* wh[4];
-      for (int c = 0; c < 4; ++c) {
-        const int64_t unit = std::min(j + c, hidden - 1);
-        wi[c] = w_ih + unit * input;
-        wh[c] = w_hh + unit * hidden;
-      }
+      const bf16 *wi[4], *wh[4];
+      four_rows(w_ih, w_hh, j, hidden, input, hidden, wi, wh);
       float zx[4][4] = {}, zh[4][4] = {};
       dots4x4(xr, wi, input, zx);
       dots4x4(hr, wh, hidden, zh);

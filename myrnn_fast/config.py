@@ -124,6 +124,11 @@ KNOBS: dict[str, Knob] = {
              "multiply-adds below which the numba kernels run on one thread", minimum=0),
         Knob("numba_parallel_min_rows", int, 4, "numba",
              "fewest batch rows a numba thread takes", minimum=1),
+        Knob("numba_fused_max_work", int, 1 << 19, "numba",
+             "multiply-adds up to which a one-layer, one-direction dense numba RNN runs each pass "
+             "as one kernel call, doing by hand loops what torch's GEMMs do otherwise: the "
+             "forward's input projection (T B I H) and the backward's gradients (T B H (2 I + H), "
+             "on one thread); 0 turns it off", minimum=0),
         Knob("numba_cell_gemm_min_work", int, 1 << 18, "numba",
              "multiply-adds of an RNNCell step (B H (I + H)) from which the numba backend runs it "
              "as torch's GEMMs on every core (below it one kernel call, the input projection "

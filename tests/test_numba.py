@@ -20,6 +20,7 @@ import numba  # noqa: E402
 
 from myrnn_fast import config  # noqa: E402
 from myrnn_fast.backends import _numba, _numba_kernels, _torch  # noqa: E402
+from parity import assert_close, check_module, randn, rnn_pair  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +40,12 @@ def test_kernels_are_cached_on_disk(compiled):
     cache = Path(compiled["cache_dir"])
     indexes = list(cache.glob("_numba_kernels.*.nbi"))
     assert indexes, f"no numba cache index in {cache}"
-    assert compiled["cache_hits"] + compiled["cache_misses"] == 14  # 7 kernels x 2 dtypes
+    assert compiled["cache_hits"] + compiled["cache_misses"] == 20  # 10 kernels x 2 dtypes
 
 
 def test_a_second_process_loads_from_the_cache(compiled):
     info = _child("import json; from myrnn_fast.backends import _numba; print(json.dumps(_numba.warm_up()))")
-    assert info["cache_misses"] == 0 and info["cache_hits"] == 14
+    assert info["cache_misses"] == 0 and info["cache_hits"] == 20
     assert info["cache_dir"] == compiled["cache_dir"]
 
 
@@ -292,3 +293,115 @@ def test_cell_step_refuses_bad_arguments(compiled, path, case):
     threshold = 0 if path == "gemm" else 1 << 30
     with torch.no_grad(), config.override(numba_cell_gemm_min_work=threshold), pytest.raises(error):
         _numba.cell_step(*args)
+
+
+# ---- the module's one-call route (_numba.stack): one dense layer, one direction ------------
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How often each of the one-call route's kernels ran."""
+    counts = {}
+    for name in ("layer_forward", "layer_forward_parallel", "layer_backward"):
+        kernel = getattr(_numba_kernels, name)
+
+        def counted(*args, _kernel=kernel, _name=name):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _kernel(*args)
+
+        monkeypatch.setattr(_numba_kernels, name, counted)
+    return counts
+
+
+def _one_layer_case(dtype, nonlinearity="tanh", bias=True, batch_first=False, T=5, B=6, I=3, H=20):
+    # H = 20: one float32 vector and four columns by hand; B = 6: a four-row tile, then one that
+    # repeats its last row.
+    ref, ours = rnn_pair("numba", I, H, nonlinearity=nonlinearity, bias=bias, batch_first=batch_first, dtype=dtype)
+
+    def make_inputs():
+        x = randn(*((B, T, I) if batch_first else (T, B, I)), dtype=dtype, seed=1)
+        h = randn(1, B, H, dtype=dtype, seed=2)
+        return (x, h), [x, h]
+
+    return ref, ours, make_inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["T first", "batch first"])
+def test_one_call_route_matches_torch_nn(compiled, kernel_calls, dtype, nonlinearity, bias, batch_first):
+    ref, ours, make_inputs = _one_layer_case(dtype, nonlinearity, bias, batch_first)
+    out, _ = check_module(ref, ours, make_inputs, dtype)
+    assert out.grad_fn.name() == ("TransposeBackward0" if batch_first else "_FusedBackward")
+    assert kernel_calls == {"layer_forward": 1, "layer_backward": 1}
+
+
+def test_one_call_route_without_grad(compiled, kernel_calls):
+    ref, ours, make_inputs = _one_layer_case(torch.float64)
+    (x, h), _ = make_inputs()
+    with torch.no_grad():
+        out, h_n = ours(x, h)
+        expected, expected_h_n = ref(x, h)
+    assert out.grad_fn is None and kernel_calls == {"layer_forward": 1}
+    assert_close(out, expected, torch.float64, "out")
+    assert_close(h_n, expected_h_n, torch.float64, "h_n")
+
+
+def test_one_call_forward_with_the_gradients_as_gemms(compiled, kernel_calls):
+    # Projection (T B I H = 1800) within the knob, the gradients' work (T B H (2 I + H) = 15600)
+    # above it: the backward takes the dz kernels and torch's GEMMs.
+    ref, ours, make_inputs = _one_layer_case(torch.float64)
+    with config.override(numba_fused_max_work=2000):
+        out, _ = check_module(ref, ours, make_inputs, torch.float64)
+    assert out.grad_fn.name() == "_FusedBackward"
+    assert kernel_calls == {"layer_forward": 1}
+
+
+def test_one_call_forward_in_parallel(compiled, kernel_calls):
+    ref, ours, make_inputs = _one_layer_case(torch.float64, B=16)
+    with config.override(numba_parallel_min_work=0):
+        if _numba._threads(16, 1) < 2:
+            pytest.skip("a single torch thread here: the parallel kernel does not run")
+        out, _ = check_module(ref, ours, make_inputs, torch.float64)
+    assert out.grad_fn.name() == "_FusedBackward"
+    assert kernel_calls == {"layer_forward_parallel": 1}  # the backward's dz on threads: no one-call backward
+
+
+def test_one_call_route_gradcheck(compiled, kernel_calls):
+    torch.manual_seed(0)
+    rnn = myrnn_fast.RNN(2, 3, dtype=torch.float64, backend="numba")
+    names = [n for n, _ in rnn.named_parameters()]
+
+    def fn(x, hx, *params):
+        return torch.func.functional_call(rnn, dict(zip(names, params)), (x, hx))
+
+    inputs = (randn(4, 3, 2, seed=8), randn(1, 3, 3, seed=9), *rnn.parameters())
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)  # create_graph: the torch backend's formulas
+    assert kernel_calls.get("layer_backward", 0) > 0
+
+
+@pytest.mark.parametrize("case", ["knob off", "two layers", "bidirectional", "strided weight"])
+def test_other_calls_take_the_loop_over_layer(compiled, kernel_calls, case):
+    kwargs = {"two layers": dict(num_layers=2), "bidirectional": dict(bidirectional=True)}.get(case, {})
+    ref, ours = rnn_pair("numba", 3, 8, **kwargs)
+    if case == "strided weight":
+        ours.weight_hh_l0 = torch.nn.Parameter(ours.weight_hh_l0.detach().t().contiguous().t())
+    hx = randn(ours.num_layers * (2 if ours.bidirectional else 1), 4, 8, seed=2)
+
+    def make_inputs():
+        x, h = randn(5, 4, 3, seed=1), hx.detach().clone().requires_grad_()
+        return (x, h), [x, h]
+
+    with config.override(numba_fused_max_work=0 if case == "knob off" else 1 << 19):
+        out, _ = check_module(ref, ours, make_inputs, torch.float64)
+    assert out.grad_fn.name() != "_FusedBackward" and not kernel_calls
+
+
+def test_one_call_route_refuses_a_weight_of_the_wrong_shape(compiled, kernel_calls):
+    ours = myrnn_fast.RNN(3, 8, backend="numba")
+    ours.weight_hh_l0 = torch.nn.Parameter(torch.zeros(8, 4))  # the kernel would read past it
+    with pytest.raises(RuntimeError, match=r"w_hh must be \[H, H\]"):
+        ours(torch.zeros(5, 2, 3))
+    assert not kernel_calls

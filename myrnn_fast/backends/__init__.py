@@ -21,7 +21,8 @@ backend without it runs ``RNNCell`` as a one-step ``layer``.
 ``stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_sizes, reverse_index)
 -> (out, h_n) | None`` is optional too: the module layer's loop over layers and directions
 in one call, for a backend whose per-call overhead would otherwise be paid per layer and
-direction (``cpp``). It must equal that loop over ``layer`` (``modules.stacked_layers``), and
+direction (``cpp``), or whose small calls are mostly overhead (``numba``, one dense layer).
+It must equal that loop over ``layer`` (``modules.stacked_layers``), and
 returns ``None`` where it does not apply, for the module to run the loop. The module never uses
 it while dropout draws masks between layers.
 

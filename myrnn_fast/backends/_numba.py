@@ -8,7 +8,8 @@ availability, its thread policy, the autograd Function, ``layer``, and the compi
 Torch does what is not sequential (``_common``): the input projection of every step is one GEMM
 before the forward kernel, and the gradients of the input, the weights and the biases are single
 GEMMs after the backward kernel. Only the outputs are saved for the backward; the derivative of
-the nonlinearity is taken from them.
+the nonlinearity is taken from them. The module's small one-layer calls skip all that (``stack``):
+one kernel call a pass, the projection and the gradients inside it.
 """
 
 from __future__ import annotations
@@ -274,6 +275,121 @@ def layer(
 
 
 # ---------------------------------------------------------------------------------------------
+# The module's whole RNN in one kernel call a pass, where it is one dense layer in one direction
+# with little work beside the recurrence: there the torch GEMMs, the NumPy views and the checks
+# of the route through ``layer`` cost more than the arithmetic (see the fused section of the
+# kernels). Knob ``numba_fused_max_work`` bounds the multiply-adds done by hand loops instead of
+# torch's GEMMs: the forward's input projection, T B I H, and the backward's gradients,
+# T B H (2 I + H); a backward above it forms them as GEMMs after the kernels' dz.
+
+
+def stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_sizes, reverse_index):
+    """``(out [T, B, H], h_n [1, B, H])`` of a one-layer, one-direction dense RNN, or ``None``
+    where this route does not apply, for the module to run its loop over :func:`layer`. The
+    module has checked the arguments' dtypes, devices and the shapes of ``x`` and ``hx``; the
+    kernels read raw memory, so the weights' shapes and every layout are checked here."""
+    if num_layers != 1 or bidirectional or batch_sizes is not None or not _eager(x):
+        return None
+    dtype = x.dtype
+    relu = _RELU.get(nonlinearity) if isinstance(nonlinearity, str) else None
+    if dtype not in _NUMPY_DTYPES or relu is None or len(weights) != (4 if bias else 2):
+        return None
+    _start()
+    seq_len, batch, features = x.shape
+    hidden = hx.shape[2]
+    if seq_len * batch * features * hidden > _knobs["numba_fused_max_work"] or hidden >= _knobs["numba_gemm_min_hidden"]:
+        return None
+    w_ih, w_hh, b_ih, b_hh = weights if bias else (*weights, None, None)
+    shapes = ((hidden, features), (hidden, hidden), (hidden,), (hidden,))
+    for w, shape in zip(weights, shapes):
+        if w.shape != shape or w.dtype is not dtype or not w.is_contiguous():
+            return None
+    x, h0 = x.contiguous(), hx[0].contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, *weights)):
+        return _Fused.apply(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+    return _fused_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+
+
+def _eager(x: Tensor) -> bool:
+    """Whether a call on ``x`` may run the kernels on raw addresses: a plain CPU tensor, with no
+    program being recorded (torch.compile, torch.func) that would need to see through them."""
+    return (
+        type(x) is Tensor and x.is_cpu and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def _fused_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu):
+    seq_len, batch, features = x.shape
+    hidden = h0.shape[1]
+    numpy_dtype = _NUMPY_DTYPES[x.dtype]
+    out = np.empty((seq_len, batch, hidden), numpy_dtype)
+    h_n = np.empty((1, batch, hidden), numpy_dtype)
+    bias = b_ih is not None
+    b_ih_at, b_hh_at = (b_ih.data_ptr(), b_hh.data_ptr()) if bias else (0, 0)
+    args = (x.data_ptr(), h0.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), b_ih_at, b_hh_at, bias, features, relu,
+            out.reshape(seq_len * batch, hidden), h_n[0])
+    chunks = _threads(batch, seq_len * batch * hidden * hidden)
+    if chunks > 1:
+        numba.set_num_threads(chunks)
+        kernels.layer_forward_parallel(*args, chunks)
+    else:
+        kernels.layer_forward(*args)
+    return torch.from_numpy(out), torch.from_numpy(h_n)
+
+
+class _Fused(torch.autograd.Function):
+    """:func:`stack`'s layer: one kernel call forward, one backward where the gradients' work is
+    within ``numba_fused_max_work`` and one thread runs the recurrence."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, relu):
+        out, h_n = _fused_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, out)
+        ctx.relu, ctx.has_bias = relu, b_ih is not None
+        return out, h_n
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n):
+        x, h0, w_ih, w_hh, out = ctx.saved_tensors
+        seq_len, batch, features = x.shape
+        hidden = h0.shape[1]
+        need = ctx.needs_input_grad
+        need = need[:4] + (ctx.has_bias and (need[4] or need[5]),)
+        rows = seq_len * batch
+        grad_out, grad_h_n = grad_out.reshape(rows, hidden), grad_h_n[0]
+        if torch.is_grad_enabled():  # create_graph: a backward autograd can differentiate again
+            grads = _torch.layer_backward(grad_out, grad_h_n, x.reshape(rows, features), h0, w_ih, w_hh,
+                                          out.reshape(rows, hidden), [batch] * seq_len, ctx.relu, need)
+        elif (rows * hidden * (2 * features + hidden) <= _knobs["numba_fused_max_work"]
+              and _threads(batch, rows * hidden * hidden) == 1):
+            grads = _fused_backward(grad_out.contiguous(), grad_h_n.contiguous(), x, h0, w_ih, w_hh, out, ctx.relu,
+                                    need)
+        else:
+            plan = _dense_plan(seq_len, batch)
+            out_rows = out.view(rows, hidden)
+            dz = _reverse_recurrence(plan, ctx.relu, grad_out, grad_h_n, w_hh, out_rows)
+            grads = gemm_grads(dz, x.view(rows, features), h0, w_ih, w_hh, out_rows, [batch] * seq_len, need)
+        grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b = grads
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b, grad_b, None
+
+
+def _fused_backward(grad_out, grad_h_n, x, h0, w_ih, w_hh, out, relu, need):
+    seq_len, batch, features = x.shape
+    hidden = h0.shape[1]
+    numpy_dtype = _NUMPY_DTYPES[x.dtype]
+    dx = np.empty((seq_len * batch, features) if need[0] else (0, features), numpy_dtype)
+    dh0, dw_ih = np.empty((batch, hidden), numpy_dtype), np.empty((hidden, features), numpy_dtype)
+    dw_hh, db = np.empty((hidden, hidden), numpy_dtype), np.empty(hidden, numpy_dtype)
+    kernels.layer_backward(grad_out.data_ptr(), grad_h_n.data_ptr(), x.data_ptr(), h0.data_ptr(), w_ih.data_ptr(),
+                           w_hh.data_ptr(), out.data_ptr(), seq_len, features, relu, need[0], dx, dh0, dw_ih, dw_hh, db)
+    grads = (dx, dh0, dw_ih, dw_hh, db)
+    return tuple(torch.from_numpy(g) if wanted else None for g, wanted in zip(grads, need))
+
+
+# ---------------------------------------------------------------------------------------------
 # RNNCell: one step, no sequence. Small steps run as one kernel (input projection included);
 # large ones as torch's GEMMs, which use every core (a single step has no rows to split across
 # time, and nothing sequential for a kernel to fuse).
@@ -352,7 +468,8 @@ def warm_up() -> dict:
     _start()
     start = time.perf_counter()
     compiled = (kernels.forward_rows, kernels.forward_parallel, kernels.forward_gemm,
-                kernels.backward_rows, kernels.backward_parallel, kernels.backward_gemm, kernels.cell)
+                kernels.backward_rows, kernels.backward_parallel, kernels.backward_gemm, kernels.cell,
+                kernels.layer_forward, kernels.layer_forward_parallel, kernels.layer_backward)
     plan = _plan([1, 1])
     for dtype in (np.float32, np.float64):
         out, h0, h_n, w = (np.zeros(s, dtype) for s in ((2, 1), (1, 1), (1, 1), (1, 1)))
@@ -366,6 +483,11 @@ def warm_up() -> dict:
         kernels.backward_gemm(out.copy(), out, h0, out, w, *args, 0, 1, h0.copy())
         address = w.ctypes.data  # every operand 1 x 1
         kernels.cell(address, address, address, address, address, address, 1, False, h_n)
+        fused = (address, address, address, address, address, address, True, 1, False)
+        kernels.layer_forward(*fused, h_n, h0)
+        kernels.layer_forward_parallel(*fused, h_n, h0, 1)
+        kernels.layer_backward(address, address, address, address, address, address, address, 1, 1, False, True,
+                               h0.copy(), h0.copy(), h0.copy(), h0.copy(), h0[0].copy())
     hits = sum(sum(k.stats.cache_hits.values()) for k in compiled)
     misses = sum(sum(k.stats.cache_misses.values()) for k in compiled)
     _compile_info = {

@@ -10,7 +10,8 @@ Two ways through the sequence, for the forward and for the backward:
   which Numba lowers to SciPy's BLAS; it wins once the hidden size makes that product a real GEMM.
   The parallel kernels run these on row chunks too, each thread's BLAS call on its own rows.
 
-:func:`cell` is one step of ``RNNCell`` with no sequence around it, input projection included.
+:func:`cell` is one step of ``RNNCell`` with no sequence around it, input projection included;
+:func:`layer_forward` / :func:`layer_backward` a whole small dense layer, each pass in one call.
 
 Arguments are NumPy views of contiguous tensors: ``out`` / ``dz`` ``[N, H]`` in packed rows,
 ``batch_sizes`` (int64, rows per step, non-increasing) and ``offsets`` (int64, each step's first
@@ -667,3 +668,164 @@ def backward_parallel(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu
             backward_gemm(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo, hi, scratch)
         else:
             backward_rows(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo, hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole dense layer in one call, for small shapes: the kernels above wait on torch for the
+# input projection before them and the gradient GEMMs after them, and at a few thousand
+# multiply-adds each of those calls (and each NumPy view of a tensor) costs more than its
+# arithmetic. Here the projection and the gradients are hand loops inside the kernel, beside the
+# same recurrence steps. The operands come as the addresses of contiguous CPU tensors (as for
+# :func:`cell`), dense [T, B, .] rows, checked by the caller; outputs are NumPy arrays.
+
+
+@njit(inline="always", **_KERNEL)
+def _layer_operands(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, like):
+    """x [T B, I], h0 [B, H] as arrays; W_ih^T [I, H] and W_hh^T [H, H] copied, so that the
+    loops over a row's units run along contiguous memory; b = b_ih + b_hh (zeros without bias)."""
+    rows, hidden = like.shape[0], like.shape[1]
+    dtype = like.dtype
+    x = numba.carray(_address(x_at), (rows, features), dtype)
+    w_ih = numba.carray(_address(w_ih_at), (hidden, features), dtype)
+    w_hh = numba.carray(_address(w_hh_at), (hidden, hidden), dtype)
+    wit = np.empty((features, hidden), dtype)
+    for j in range(hidden):
+        for k in range(features):
+            wit[k, j] = w_ih[j, k]
+    wt = np.empty((hidden, hidden), dtype)
+    for j in range(hidden):
+        for k in range(hidden):
+            wt[k, j] = w_hh[j, k]
+    b = np.zeros(hidden, dtype)
+    if bias:
+        b_ih = numba.carray(_address(b_ih_at), (hidden,), dtype)
+        b_hh = numba.carray(_address(b_hh_at), (hidden,), dtype)
+        for j in range(hidden):
+            b[j] = b_ih[j] + b_hh[j]
+    return x, wit, wt, b
+
+
+@njit(inline="always", **_KERNEL)
+def _layer_rows(x, h0, wit, wt, b, out, h_n, batch, relu, lo, hi):
+    """Rows lo..hi of every step: each step's input projection by hand into ``out``, then the
+    step itself as in :func:`forward_rows` (``out`` [T B, H] flat rows, h0 and h_n [B, H])."""
+    hidden = out.shape[1]
+    features = x.shape[1]
+    seq_len = out.shape[0] // batch
+    flat, start, m = out.reshape(out.size), h0.reshape(h0.size), wt.reshape(wt.size)
+    for t in range(seq_len):
+        for r in range(t * batch + lo, t * batch + hi):
+            y = out[r]
+            xr = x[r]
+            for j in range(hidden):
+                y[j] = b[j]
+            for k in range(features):
+                xk = xr[k]
+                wk = wit[k]
+                for j in range(hidden):
+                    y[j] += xk * wk[j]
+        if t == 0:
+            _step(start, lo, m, hidden, flat, flat, flat, lo, hi - lo, relu, False)
+        else:
+            _step(flat, (t - 1) * batch + lo, m, hidden, flat, flat, flat, t * batch + lo, hi - lo, relu, False)
+    last = (seq_len - 1) * batch
+    for r in range(lo, hi):
+        h_n[r] = out[last + r]
+
+
+@njit(**_KERNEL)
+def layer_forward(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, relu, out, h_n):
+    """The forward of one dense layer, input projection included, on the calling thread:
+    ``out`` [T B, H] and ``h_n`` [B, H] are written; the other operands are addresses (x
+    [T B, I], h0 [B, H], W_ih [H, I], W_hh [H, H], the biases [H] when ``bias``)."""
+    batch, hidden = h_n.shape
+    x, wit, wt, b = _layer_operands(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, out)
+    h0 = numba.carray(_address(h0_at), (batch, hidden), out.dtype)
+    _layer_rows(x, h0, wit, wt, b, out, h_n, batch, relu, 0, batch)
+
+
+@njit(parallel=True, **_KERNEL)
+def layer_forward_parallel(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, relu, out, h_n, chunks):
+    """:func:`layer_forward` in chunks of batch rows in parallel, as :func:`forward_parallel`."""
+    batch, hidden = h_n.shape
+    x, wit, wt, b = _layer_operands(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, out)
+    h0 = numba.carray(_address(h0_at), (batch, hidden), out.dtype)
+    for c in prange(chunks):
+        _layer_rows(x, h0, wit, wt, b, out, h_n, batch, relu, c * batch // chunks, (c + 1) * batch // chunks)
+
+
+@njit(inline="always", **_KERNEL)
+def _rows_times(a, w, dst, count):
+    """dst[r] = a[r] @ w for the first ``count`` rows, each a sum of w's rows scaled by a[r]'s
+    elements, so that the inner loop runs along w's contiguous rows."""
+    for r in range(count):
+        row = dst[r]
+        row[:] = 0
+        ar = a[r]
+        for j in range(w.shape[0]):
+            s = ar[j]
+            wj = w[j]
+            for k in range(w.shape[1]):
+                row[k] += s * wj[k]
+
+
+@njit(**_KERNEL)
+def layer_backward(grad_out_at, grad_h_n_at, x_at, h0_at, w_ih_at, w_hh_at, out_at, seq_len, features, relu,
+                   need_x, dx, dh0, dw_ih, dw_hh, db):
+    """The backward of :func:`layer_forward`, every gradient in this one call: the reverse
+    recurrence as in :func:`backward_rows` into a dz of its own, then by hand loops over dz
+    dx = dz W_ih (when ``need_x``), dh0 = dz_0 W_hh, dW_ih = dz^T x, dW_hh = dz^T h_{t-1} and
+    db = the column sums of dz. ``grad_out`` [T B, H], ``grad_h_n`` [B, H] and ``out`` come as
+    addresses with the forward's operands; dx [T B, I] (read only when ``need_x``), dh0 [B, H],
+    dw_ih [H, I], dw_hh [H, H] and db [H] are written."""
+    batch, hidden = dh0.shape
+    dtype = dh0.dtype
+    rows = seq_len * batch
+    grad_out = numba.carray(_address(grad_out_at), (rows, hidden), dtype)
+    grad_h_n = numba.carray(_address(grad_h_n_at), (batch, hidden), dtype)
+    out = numba.carray(_address(out_at), (rows, hidden), dtype)
+    x = numba.carray(_address(x_at), (rows, features), dtype)
+    h0 = numba.carray(_address(h0_at), (batch, hidden), dtype)
+    w_ih = numba.carray(_address(w_ih_at), (hidden, features), dtype)
+    w_hh = numba.carray(_address(w_hh_at), (hidden, hidden), dtype)
+
+    # dz, from the last step back; the last step's rows take grad_h_n in place of dz_{t+1} W_hh.
+    dz = np.empty((rows, hidden), dtype)
+    last = rows - batch
+    for b in range(batch):
+        g, go, hn = dz[last + b], grad_out[last + b], grad_h_n[b]
+        for j in range(hidden):
+            g[j] = go[j] + hn[j]
+        _times_dact(g, out[last + b], relu)
+    dzf, gof, outf, m = dz.reshape(dz.size), grad_out.reshape(grad_out.size), out.reshape(out.size), w_hh.reshape(w_hh.size)
+    for t in range(seq_len - 2, -1, -1):
+        _step(dzf, (t + 1) * batch, m, hidden, gof, dzf, outf, t * batch, batch, relu, True)
+
+    # The sums over rows, each row's dz scaled into the rows of the weight gradients.
+    db[:] = 0
+    dw_hh[:] = 0
+    dwit = np.zeros((features, hidden), dtype)  # dW_ih^T: its rows run along the units, as dz's
+    for r in range(rows):
+        g = dz[r]
+        prev = h0[r] if r < batch else out[r - batch]
+        for j in range(hidden):
+            db[j] += g[j]
+        xr = x[r]
+        for k in range(features):
+            xk = xr[k]
+            row = dwit[k]
+            for j in range(hidden):
+                row[j] += xk * g[j]
+        for j in range(hidden):
+            gj = g[j]
+            row = dw_hh[j]
+            for k in range(hidden):
+                row[k] += gj * prev[k]
+    for j in range(hidden):
+        for k in range(features):
+            dw_ih[j, k] = dwit[k, j]
+
+    # dh0 = dz_0 W_hh and dx = dz W_ih.
+    _rows_times(dz, w_hh, dh0, batch)
+    if need_x:
+        _rows_times(dz, w_ih, dx, rows)

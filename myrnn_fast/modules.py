@@ -298,53 +298,51 @@ class RNN(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input, hx: Tensor | None = None):
-        directions = 2 if self.bidirectional else 1
-        packed = isinstance(input, PackedSequence)
-        if packed:
+        # Every line here runs on every call, and at small sizes the call is mostly this Python:
+        # each attribute and shape is read once, the usual case (dense, autocast off) first.
+        if isinstance(input, PackedSequence):
             if export.recording():  # its batch sizes are data: a graph would freeze them
                 raise export.packed_input_error()
             x, batch_sizes, sorted_indices, unsorted_indices = input
-            batch = int(batch_sizes[0])
+            batch, batched = int(batch_sizes[0]), True
+            if hx is not None:
+                hx = _tensor(hx, "hx")
         else:
             x = _tensor(input, "input")
             batch_sizes = sorted_indices = unsorted_indices = None
-            if x.dim() not in (2, 3):
-                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {x.dim()}D tensor instead")
-        if hx is not None:
-            hx = _tensor(hx, "hx")
-
-        batched = packed or x.dim() == 3
-        batch_dim = 0 if self.batch_first else 1
-        if not packed:
+            dim = x.dim()
+            if dim not in (2, 3):
+                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {dim}D tensor instead")
+            batched = dim == 3
             if not batched:
-                x = x.unsqueeze(batch_dim)
-                if hx is not None:
+                x = x.unsqueeze(1 if not self.batch_first else 0)
+            if hx is not None:
+                hx = _tensor(hx, "hx")
+                if not batched:
                     if hx.dim() != 2:
                         raise RuntimeError(
                             f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
                         )
                     hx = hx.unsqueeze(1)
-            elif hx is not None and hx.dim() != 3:
-                raise RuntimeError(
-                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
-                )
-            batch = x.size(0) if self.batch_first else x.size(1)
+                elif hx.dim() != 3:
+                    raise RuntimeError(
+                        f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+                    )
+            batch = x.shape[0 if self.batch_first else 1]
         if hx is None:
-            hx = torch.zeros(
-                self.num_layers * directions, batch, self.hidden_size, dtype=x.dtype, device=x.device
-            )
+            directions = 2 if self.bidirectional else 1
+            hx = torch.zeros(self.num_layers * directions, batch, self.hidden_size, dtype=x.dtype, device=x.device)
         elif sorted_indices is not None:
-            # hx rows follow the caller's batch order; the packed data is sorted by length.
-            hx = hx.index_select(1, sorted_indices)
+            hx = hx.index_select(1, sorted_indices)  # hx rows follow the caller's order, the data is sorted
 
         weights = self._flat_weights
-        autocast, x, hx, weights = _under_autocast(x, hx, weights)
+        autocast = None
+        if _any_autocast():  # one call where autocast is off everywhere, the usual case
+            autocast, x, hx, weights = _under_autocast(x, hx, weights)
         self._check_forward_args(x, hx, batch, batch_sizes, weights)
-        if not isinstance(self.bidirectional, bool):
-            raise TypeError(
-                f"bidirectional should be of type bool, got: {type(self.bidirectional).__name__}"
-            )
-        if not packed and self.batch_first:
+        if type(self.bidirectional) is not bool:
+            raise TypeError(f"bidirectional should be of type bool, got: {type(self.bidirectional).__name__}")
+        if batch_sizes is None and self.batch_first:
             x = x.transpose(0, 1)
 
         impl = registry.kernels(x.device, self.backend)
@@ -354,14 +352,14 @@ class RNN(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 out, h_n = self._run(impl, x, hx, batch_sizes, weights)
 
-        if packed:
+        if batch_sizes is not None:
             if unsorted_indices is not None:
                 h_n = h_n.index_select(1, unsorted_indices)
             return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), h_n
         if self.batch_first:
             out = out.transpose(0, 1)
         if not batched:
-            out, h_n = out.squeeze(batch_dim), h_n.squeeze(1)
+            out, h_n = out.squeeze(1 if not self.batch_first else 0), h_n.squeeze(1)
         return out, h_n
 
     def _check_forward_args(self, x, hx, batch, batch_sizes, weights) -> None:
@@ -373,9 +371,12 @@ class RNN(nn.Module):
             len(xs) == (2 if batch_sizes is not None else 3) and xs[-1] == self.input_size
             and hx.shape == expected and (batch_sizes is not None or xs[1 if self.batch_first else 0] > 0)
             and dtype == hx.dtype == weights[0].dtype and hx.device == device
-            and all(w.device == device for w in weights)
         ):
-            return
+            for w in weights:  # a loop, not all(...): its generator costs three times as much
+                if w.device != device:
+                    break
+            else:
+                return
         if x.dtype != weights[0].dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({weights[0].dtype}). "

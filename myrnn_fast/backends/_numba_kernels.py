@@ -680,9 +680,10 @@ def backward_parallel(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu
 
 
 @njit(inline="always", **_KERNEL)
-def _layer_operands(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, like):
-    """x [T B, I], h0 [B, H] as arrays; W_ih^T [I, H] and W_hh^T [H, H] copied, so that the
-    loops over a row's units run along contiguous memory; b = b_ih + b_hh (zeros without bias)."""
+def _layer_operands(x_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, like):
+    """x [T B, I] as an array (``like`` the output [T B, H]); W_ih^T [I, H] and W_hh^T [H, H]
+    copied, so that the loops over a row's units run along contiguous memory; b = b_ih + b_hh
+    (zeros without bias)."""
     rows, hidden = like.shape[0], like.shape[1]
     dtype = like.dtype
     x = numba.carray(_address(x_at), (rows, features), dtype)
@@ -711,7 +712,7 @@ def _layer_rows(x, h0, wit, wt, b, out, h_n, batch, relu, lo, hi):
     step itself as in :func:`forward_rows` (``out`` [T B, H] flat rows, h0 and h_n [B, H])."""
     hidden = out.shape[1]
     features = x.shape[1]
-    seq_len = out.shape[0] // batch
+    seq_len = out.shape[0] // batch if batch > 0 else 0
     flat, start, m = out.reshape(out.size), h0.reshape(h0.size), wt.reshape(wt.size)
     for t in range(seq_len):
         for r in range(t * batch + lo, t * batch + hi):
@@ -739,7 +740,7 @@ def layer_forward(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, feature
     ``out`` [T B, H] and ``h_n`` [B, H] are written; the other operands are addresses (x
     [T B, I], h0 [B, H], W_ih [H, I], W_hh [H, H], the biases [H] when ``bias``)."""
     batch, hidden = h_n.shape
-    x, wit, wt, b = _layer_operands(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, out)
+    x, wit, wt, b = _layer_operands(x_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, out)
     h0 = numba.carray(_address(h0_at), (batch, hidden), out.dtype)
     _layer_rows(x, h0, wit, wt, b, out, h_n, batch, relu, 0, batch)
 
@@ -748,7 +749,7 @@ def layer_forward(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, feature
 def layer_forward_parallel(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, relu, out, h_n, chunks):
     """:func:`layer_forward` in chunks of batch rows in parallel, as :func:`forward_parallel`."""
     batch, hidden = h_n.shape
-    x, wit, wt, b = _layer_operands(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, out)
+    x, wit, wt, b = _layer_operands(x_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, out)
     h0 = numba.carray(_address(h0_at), (batch, hidden), out.dtype)
     for c in prange(chunks):
         _layer_rows(x, h0, wit, wt, b, out, h_n, batch, relu, c * batch // chunks, (c + 1) * batch // chunks)

@@ -315,7 +315,7 @@ class RNN(nn.Module):
                 raise ValueError(f"RNN: Expected input to be 2D or 3D, got {dim}D tensor instead")
             batched = dim == 3
             if not batched:
-                x = x.unsqueeze(1 if not self.batch_first else 0)
+                x = x.unsqueeze(0 if self.batch_first else 1)
             if hx is not None:
                 hx = _tensor(hx, "hx")
                 if not batched:
@@ -359,7 +359,7 @@ class RNN(nn.Module):
         if self.batch_first:
             out = out.transpose(0, 1)
         if not batched:
-            out, h_n = out.squeeze(1 if not self.batch_first else 0), h_n.squeeze(1)
+            out, h_n = out.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return out, h_n
 
     def _check_forward_args(self, x, hx, batch, batch_sizes, weights) -> None:

@@ -328,7 +328,6 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   const Layout l = layer_layout(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes);
   const int64_t H = l.hidden;
   const at::Tensor rows = x.reshape({l.rows, l.input});
-  const std::optional<at::Tensor> bias = summed_bias(b_ih, b_hh);
   at::Tensor out;
   const at::Tensor h = h0.contiguous();
   at::Tensor h_n = at::empty_like(h);
@@ -341,12 +340,15 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
       out = at::empty({l.rows, H}, x.options());
       const auto xc = rows.expect_contiguous();
       const auto wc = w_ih.expect_contiguous();
+      const bool bias = b_ih.has_value();
+      const auto bic = bias ? b_ih->expect_contiguous() : c10::MaybeOwned<at::Tensor>();
+      const auto bhc = bias ? b_hh->expect_contiguous() : c10::MaybeOwned<at::Tensor>();
       k.project_univariate(ptr<scalar_t>(out), cptr<scalar_t>(*xc), cptr<scalar_t>(*wc),
-                           bias ? cptr<scalar_t>(*bias) : nullptr, l.rows, H);
+                           bias ? cptr<scalar_t>(*bic) : nullptr, bias ? cptr<scalar_t>(*bhc) : nullptr, l.rows, H);
     } else if (slow_gemm(x.scalar_type())) {
-      out = in_float32(input_projection, x.scalar_type(), rows, w_ih, bias);
+      out = in_float32(input_projection, x.scalar_type(), rows, w_ih, summed_bias(b_ih, b_hh));
     } else {
-      out = input_projection(rows, w_ih, bias);
+      out = input_projection(rows, w_ih, summed_bias(b_ih, b_hh));
     }
     // The recurrence over the projections in `o`, in place, by one path; final states into `hn`.
     const auto recur = [&](autotune::Path path, const at::Tensor& o, const at::Tensor& hn) {

@@ -718,15 +718,18 @@ void grads_finish(const void* acc_v, int64_t parts, int64_t stride, int64_t H, i
 }
 
 template <typename T>
-void project_univariate(T* out, const T* x, const T* w, const T* b, int64_t rows, int64_t hidden) {
+void project_univariate(T* out, const T* x, const T* w, const T* b_ih, const T* b_hh, int64_t rows,
+                        int64_t hidden) {
   using V = vec<T>;
   constexpr int W = kLanes<T>;
   for (int64_t n = 0; n < rows; ++n) {
     const V xn = splat<V>(widen(x[n]));
     T* o = out + n * hidden;
     int64_t j = 0;
-    for (; j + W <= hidden; j += W) store(o + j, (b ? load(b + j) : V{}) + xn * load(w + j));
-    for (; j < hidden; ++j) o[j] = narrow<T>((b ? widen(b[j]) : compute_t<T>(0)) + widen(x[n]) * widen(w[j]));
+    for (; j + W <= hidden; j += W)
+      store(o + j, (b_ih ? load(b_ih + j) + load(b_hh + j) : V{}) + xn * load(w + j));
+    for (; j < hidden; ++j)
+      o[j] = narrow<T>((b_ih ? widen(b_ih[j]) + widen(b_hh[j]) : compute_t<T>(0)) + widen(x[n]) * widen(w[j]));
   }
 }
 

@@ -60,14 +60,16 @@ struct Kernels {
   //   relu, r0, r1  as for forward
   void (*backward)(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const void* w_hh,
                    bool relu, int64_t r0, int64_t r1);
-  // The input projection of univariate input (I = 1) in one pass: out[n, :] = x[n] w + b. A GEMM
-  // with inner dimension 1 runs far below BLAS speed and, with a bias, writes the output twice;
-  // this is the same single product and sum per element.
-  //   out   [rows, hidden] out
-  //   x     [rows] the input
-  //   w     [hidden] W_ih's only column
-  //   b     [hidden] b_ih + b_hh, or null for none
-  void (*project_univariate)(T* out, const T* x, const T* w, const T* b, int64_t rows, int64_t hidden);
+  // The input projection of univariate input (I = 1) in one pass: out[n, :] = x[n] w + b_ih + b_hh.
+  // A GEMM with inner dimension 1 runs far below BLAS speed and, with a bias, writes the output
+  // twice; this is the same single product and sum per element, the biases summed in registers
+  // (one ATen add fewer per call).
+  //   out         [rows, hidden] out
+  //   x           [rows] the input
+  //   w           [hidden] W_ih's only column
+  //   b_ih, b_hh  [hidden] each, or both null for none
+  void (*project_univariate)(T* out, const T* x, const T* w, const T* b_ih, const T* b_hh, int64_t rows,
+                             int64_t hidden);
   // The elementwise pieces of path "gemm", in place over n values:
   //   activate:  y = act(y)
   //   mul_dact:  g *= act'(z), where y [n] holds act(z); y must not alias g

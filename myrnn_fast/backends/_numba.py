@@ -297,7 +297,8 @@ def stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_s
     _start()
     seq_len, batch, features = x.shape
     hidden = hx.shape[2]
-    if seq_len * batch * features * hidden > _knobs["numba_fused_max_work"] or hidden >= _knobs["numba_gemm_min_hidden"]:
+    limit = _knobs["numba_fused_max_work"]
+    if not limit or seq_len * batch * features * hidden > limit or hidden >= _knobs["numba_gemm_min_hidden"]:
         return None
     w_ih, w_hh, b_ih, b_hh = weights if bias else (*weights, None, None)
     shapes = ((hidden, features), (hidden, hidden), (hidden,), (hidden,))

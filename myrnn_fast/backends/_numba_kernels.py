@@ -689,21 +689,33 @@ def _layer_operands(x_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias, features, li
     x = numba.carray(_address(x_at), (rows, features), dtype)
     w_ih = numba.carray(_address(w_ih_at), (hidden, features), dtype)
     w_hh = numba.carray(_address(w_hh_at), (hidden, hidden), dtype)
-    wit = np.empty((features, hidden), dtype)
-    for j in range(hidden):
-        for k in range(features):
-            wit[k, j] = w_ih[j, k]
-    wt = np.empty((hidden, hidden), dtype)
-    for j in range(hidden):
-        for k in range(hidden):
-            wt[k, j] = w_hh[j, k]
-    b = np.zeros(hidden, dtype)
+    wit, wt = np.ascontiguousarray(w_ih.T), np.ascontiguousarray(w_hh.T)
     if bias:
-        b_ih = numba.carray(_address(b_ih_at), (hidden,), dtype)
-        b_hh = numba.carray(_address(b_hh_at), (hidden,), dtype)
-        for j in range(hidden):
-            b[j] = b_ih[j] + b_hh[j]
+        b = numba.carray(_address(b_ih_at), (hidden,), dtype) + numba.carray(_address(b_hh_at), (hidden,), dtype)
+    else:
+        b = np.zeros(hidden, dtype)
     return x, wit, wt, b
+
+
+@njit(inline="always", **_KERNEL)
+def _add_row_times(dst, a, w):
+    """dst += a @ w for one row a: w's rows scaled by a's elements, so that the inner loop runs
+    along w's contiguous rows."""
+    for k in range(w.shape[0]):
+        s = a[k]
+        wk = w[k]
+        for j in range(w.shape[1]):
+            dst[j] += s * wk[j]
+
+
+@njit(inline="always", **_KERNEL)
+def _add_outer(dst, u, v):
+    """dst += the outer product of u and v (dst[k] += u[k] v), along dst's contiguous rows."""
+    for k in range(u.shape[0]):
+        s = u[k]
+        row = dst[k]
+        for j in range(v.shape[0]):
+            row[j] += s * v[j]
 
 
 @njit(inline="always", **_KERNEL)
@@ -711,20 +723,12 @@ def _layer_rows(x, h0, wit, wt, b, out, h_n, batch, relu, lo, hi):
     """Rows lo..hi of every step: each step's input projection by hand into ``out``, then the
     step itself as in :func:`forward_rows` (``out`` [T B, H] flat rows, h0 and h_n [B, H])."""
     hidden = out.shape[1]
-    features = x.shape[1]
     seq_len = out.shape[0] // batch if batch > 0 else 0
     flat, start, m = out.reshape(out.size), h0.reshape(h0.size), wt.reshape(wt.size)
     for t in range(seq_len):
         for r in range(t * batch + lo, t * batch + hi):
-            y = out[r]
-            xr = x[r]
-            for j in range(hidden):
-                y[j] = b[j]
-            for k in range(features):
-                xk = xr[k]
-                wk = wit[k]
-                for j in range(hidden):
-                    y[j] += xk * wk[j]
+            out[r] = b
+            _add_row_times(out[r], x[r], wit)
         if t == 0:
             _step(start, lo, m, hidden, flat, flat, flat, lo, hi - lo, relu, False)
         else:
@@ -753,21 +757,6 @@ def layer_forward_parallel(x_at, h0_at, w_ih_at, w_hh_at, b_ih_at, b_hh_at, bias
     h0 = numba.carray(_address(h0_at), (batch, hidden), out.dtype)
     for c in prange(chunks):
         _layer_rows(x, h0, wit, wt, b, out, h_n, batch, relu, c * batch // chunks, (c + 1) * batch // chunks)
-
-
-@njit(inline="always", **_KERNEL)
-def _rows_times(a, w, dst, count):
-    """dst[r] = a[r] @ w for the first ``count`` rows, each a sum of w's rows scaled by a[r]'s
-    elements, so that the inner loop runs along w's contiguous rows."""
-    for r in range(count):
-        row = dst[r]
-        row[:] = 0
-        ar = a[r]
-        for j in range(w.shape[0]):
-            s = ar[j]
-            wj = w[j]
-            for k in range(w.shape[1]):
-                row[k] += s * wj[k]
 
 
 @njit(**_KERNEL)
@@ -808,25 +797,16 @@ def layer_backward(grad_out_at, grad_h_n_at, x_at, h0_at, w_ih_at, w_hh_at, out_
     dwit = np.zeros((features, hidden), dtype)  # dW_ih^T: its rows run along the units, as dz's
     for r in range(rows):
         g = dz[r]
-        prev = h0[r] if r < batch else out[r - batch]
-        for j in range(hidden):
-            db[j] += g[j]
-        xr = x[r]
-        for k in range(features):
-            xk = xr[k]
-            row = dwit[k]
-            for j in range(hidden):
-                row[j] += xk * g[j]
-        for j in range(hidden):
-            gj = g[j]
-            row = dw_hh[j]
-            for k in range(hidden):
-                row[k] += gj * prev[k]
-    for j in range(hidden):
-        for k in range(features):
-            dw_ih[j, k] = dwit[k, j]
+        db += g
+        _add_outer(dwit, x[r], g)
+        _add_outer(dw_hh, g, h0[r] if r < batch else out[r - batch])
+    dw_ih[:, :] = dwit.T
 
-    # dh0 = dz_0 W_hh and dx = dz W_ih.
-    _rows_times(dz, w_hh, dh0, batch)
+    # dh0 = dz_0 W_hh and dx = dz W_ih, row by row.
+    dh0[:] = 0
+    for b in range(batch):
+        _add_row_times(dh0[b], dz[b], w_hh)
     if need_x:
-        _rows_times(dz, w_ih, dx, rows)
+        dx[:] = 0
+        for r in range(rows):
+            _add_row_times(dx[r], dz[r], w_ih)

@@ -32,6 +32,17 @@ def like_input(out_rows: Tensor, x: Tensor) -> Tensor:
     return out_rows
 
 
+def eager(x, device_types) -> bool:
+    """Whether a call on ``x`` may bypass the dispatcher for a backend's own entries (the cpp
+    backend's C++ autograd nodes, the numba kernels on raw addresses): a plain tensor on one of
+    ``device_types``, with no program being recorded (torch.compile, torch.func) that would need
+    to see through the call."""
+    return (
+        type(x) is Tensor and x.device.type in device_types and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()  # torch.func's wrapped tensors are Tensors too
+    )
+
+
 def activation(nonlinearity: str):
     if nonlinearity == "tanh":
         return torch.tanh

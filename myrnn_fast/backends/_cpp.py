@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .. import config
 from . import _torch
+from ._common import eager
 
 try:
     from .. import _C, ops
@@ -66,10 +67,7 @@ def unavailable_reason() -> str | None:
 
 def _eager(x: Tensor) -> bool:
     """Whether a call on ``x`` takes the eager entries (see the module docstring)."""
-    return (
-        type(x) is Tensor and x.device.type in DEVICE_TYPES and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()  # torch.func's wrapped tensors are Tensors too
-    )
+    return eager(x, DEVICE_TYPES)
 
 
 def layer(

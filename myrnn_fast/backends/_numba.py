@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import config
 from . import _torch
 from ._common import (
-    check_layer_args, function_grads, gemm_grads, input_projection, like_input,
+    check_layer_args, eager, function_grads, gemm_grads, input_projection, like_input,
     needed_grads,
 )
 
@@ -198,14 +198,17 @@ class _Layer(torch.autograd.Function):
         batch_sizes = ctx.batch_sizes
         if batch_sizes is None:  # dense: every step holds every row
             batch_sizes = [h0.shape[0]] * len(ctx.plan[0])
-        if torch.is_grad_enabled():
-            # create_graph: the backward must itself be differentiable, and the torch backend's
-            # is (the cpp backend does the same).
-            grads = _torch.layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, batch_sizes, ctx.relu, need)
-        else:
-            dz = _reverse_recurrence(ctx.plan, ctx.relu, grad_out, grad_h_n, w_hh, out)
-            grads = gemm_grads(dz, rows, h0, w_ih, w_hh, out, batch_sizes, need)
+        grads = _layer_grads(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, ctx.plan, batch_sizes, ctx.relu, need)
         return (*function_grads(grads), None)
+
+
+def _layer_grads(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, plan, batch_sizes, relu, need):
+    """:func:`gemm_grads`'s tuple: dz from the backward kernels, then torch's GEMMs; or, under
+    create_graph, the torch backend's differentiable formulas (the cpp backend does the same)."""
+    if torch.is_grad_enabled():
+        return _torch.layer_backward(grad_out, grad_h_n, rows, h0, w_ih, w_hh, out, batch_sizes, relu, need)
+    dz = _reverse_recurrence(plan, relu, grad_out, grad_h_n, w_hh, out)
+    return gemm_grads(dz, rows, h0, w_ih, w_hh, out, batch_sizes, need)
 
 
 def _reverse_recurrence(plan, relu, grad_out, grad_h_n, w_hh, out) -> Tensor:
@@ -288,7 +291,7 @@ def stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_s
     where this route does not apply, for the module to run its loop over :func:`layer`. The
     module has checked the arguments' dtypes, devices and the shapes of ``x`` and ``hx``; the
     kernels read raw memory, so the weights' shapes and every layout are checked here."""
-    if num_layers != 1 or bidirectional or batch_sizes is not None or not _eager(x):
+    if num_layers != 1 or bidirectional or batch_sizes is not None or not eager(x, DEVICE_TYPES):
         return None
     dtype = x.dtype
     relu = _RELU.get(nonlinearity) if isinstance(nonlinearity, str) else None
@@ -309,15 +312,6 @@ def stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_s
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, *weights)):
         return _Fused.apply(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
     return _fused_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
-
-
-def _eager(x: Tensor) -> bool:
-    """Whether a call on ``x`` may run the kernels on raw addresses: a plain CPU tensor, with no
-    program being recorded (torch.compile, torch.func) that would need to see through them."""
-    return (
-        type(x) is Tensor and x.is_cpu and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
-    )
 
 
 def _fused_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu):
@@ -355,22 +349,16 @@ class _Fused(torch.autograd.Function):
         x, h0, w_ih, w_hh, out = ctx.saved_tensors
         seq_len, batch, features = x.shape
         hidden = h0.shape[1]
-        need = ctx.needs_input_grad
-        need = need[:4] + (ctx.has_bias and (need[4] or need[5]),)
+        need = needed_grads(ctx)
         rows = seq_len * batch
         grad_out, grad_h_n = grad_out.reshape(rows, hidden), grad_h_n[0]
-        if torch.is_grad_enabled():  # create_graph: a backward autograd can differentiate again
-            grads = _torch.layer_backward(grad_out, grad_h_n, x.reshape(rows, features), h0, w_ih, w_hh,
-                                          out.reshape(rows, hidden), [batch] * seq_len, ctx.relu, need)
-        elif (rows * hidden * (2 * features + hidden) <= _knobs["numba_fused_max_work"]
-              and _threads(batch, rows * hidden * hidden) == 1):
+        if (not torch.is_grad_enabled() and rows * hidden * (2 * features + hidden) <= _knobs["numba_fused_max_work"]
+                and _threads(batch, rows * hidden * hidden) == 1):
             grads = _fused_backward(grad_out.contiguous(), grad_h_n.contiguous(), x, h0, w_ih, w_hh, out, ctx.relu,
                                     need)
         else:
-            plan = _dense_plan(seq_len, batch)
-            out_rows = out.view(rows, hidden)
-            dz = _reverse_recurrence(plan, ctx.relu, grad_out, grad_h_n, w_hh, out_rows)
-            grads = gemm_grads(dz, x.view(rows, features), h0, w_ih, w_hh, out_rows, [batch] * seq_len, need)
+            grads = _layer_grads(grad_out, grad_h_n, x.view(rows, features), h0, w_ih, w_hh, out.view(rows, hidden),
+                                 _dense_plan(seq_len, batch), [batch] * seq_len, ctx.relu, need)
         grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b = grads
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)

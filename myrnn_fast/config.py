@@ -110,6 +110,11 @@ KNOBS: dict[str, Knob] = {
              "pool costs more)", minimum=0),
         Knob("cpu_cell_gil_release_min_work", int, 1 << 16, "cpp",
              "multiply-adds from which a no-grad cpp RNNCell step releases the GIL", minimum=0),
+        Knob("cpu_bf16_products", str, "auto", "cpp",
+             "cpp CPU bfloat16 recurrences with AVX512-BF16: pairs (vdpbf16ps on the bfloat16 "
+             "state and W_hh), float32 (FMAs on float32 copies of both; results identical up to "
+             "summation order), auto (measured per kind of call, or float32 with cpu_autotune 0)",
+             choices=("auto", "pairs", "float32")),
         Knob("cuda_path", str, "auto", "cuda",
              "cpp CUDA recurrence: registers / shared (persistent kernels, W_hh in registers or "
              "shared memory), gemm (one cuBLAS GEMM a step), auto (persistent where it fits)",

@@ -119,6 +119,41 @@ def test_the_cell_step_is_measured_once_per_kind_and_matches_its_forced_path(dty
     torch.testing.assert_close(tuned, expected, **TOLERANCES[dtype])
 
 
+@pytest.mark.skipif("avx512bf16" not in (myrnn_fast._C.cpu_isas() if registry.unavailable_reason("cpp") is None
+                                           else []), reason="needs AVX512-BF16 in this CPU and build")
+@pytest.mark.parametrize("B", [1, 5])
+def test_bfloat16_products_are_measured_per_kind_and_each_matches_torch_nn(B):
+    # With AVX512-BF16 the bfloat16 tiles multiply by vdpbf16ps pairs or by FMAs on float32 copies
+    # (knob cpu_bf16_products); under auto the first call of each kind times both.
+    ref, ours = _pair()  # torch.nn in float32 on the same bfloat16 values: the better reference
+    ours.bfloat16()
+    ref.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
+    x, grad_out = (0.5 * t for t in _inputs(7, B, 6, 24))
+    x, grad_out = x.bfloat16(), grad_out.bfloat16()
+    expected = _step(ref, x.float(), grad_out.float())
+    forced = {}
+    for products in ("pairs", "float32"):
+        with config.override(cpu_bf16_products=products):
+            forced[products] = _step(ours, x, grad_out, "tiles", "tiles", "kernels")
+        for got, want in zip(forced[products], expected):
+            torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[torch.bfloat16])
+    assert autotune.choices() == []  # everything forced: nothing measured
+    tuned = _step(ours, x, grad_out, "tiles", "tiles", "kernels")
+    kinds = {(c["pass"], c["hidden"], c["input"], c["batch_max"], c["steps_max"]): c for c in autotune.choices()}
+    bucket = {1: 1, 5: 8}[B]
+    assert set(kinds) == {("bf16 forward", 24, 0, bucket, 8), ("bf16 backward", 24, 0, bucket, 8)}
+    for entry in kinds.values():
+        assert entry["path"] in ("pairs", "float32") and set(entry["times_ms"]) == {"pairs", "float32"}
+    # The forward's products decide out and h_n; the backward's, the gradients.
+    fwd, bwd = kinds[("bf16 forward", 24, 0, bucket, 8)]["path"], kinds[("bf16 backward", 24, 0, bucket, 8)]["path"]
+    assert torch.equal(tuned[0], forced[fwd][0]) and torch.equal(tuned[1], forced[fwd][1])
+    if fwd == bwd:
+        assert all(torch.equal(a, b) for a, b in zip(tuned, forced[fwd]))
+    with config.override(cpu_autotune=0):  # the static choice: float32 copies
+        static = _step(ours, x, grad_out, "tiles", "tiles", "kernels")
+    assert all(torch.equal(a, b) for a, b in zip(static, forced["float32"]))
+
+
 def test_one_entry_per_kind_of_call():
     _, ours = _pair()
     with torch.no_grad():
@@ -227,9 +262,10 @@ def test_bad_records_are_value_errors():
     args = {"pass": "forward", "hidden": 8, "input": 0, "batch_max": 4, "steps_max": 16, "dtype": "float32",
             "threads": 1, "isa": "avx2", "path": "tiles"}
     record = myrnn_fast._C.autotune_record
-    for change, message in (({"pass": "sideways"}, "pass must be forward, backward, grads, grads[+]dx or cell"),
+    for change, message in (({"pass": "sideways"}, "pass must be forward, backward, grads, grads[+]dx, cell, bf16 forward or bf16 backward"),
                             ({"path": "blas"}, "path must be tiles or gemm"),
                             ({"pass": "grads", "input": 3}, "path must be kernels or gemm"),
+                            ({"pass": "bf16 forward"}, "path must be pairs or float32"),
                             ({"batch_max": 3}, "powers of two"), ({"steps_max": 0}, "powers of two"),
                             ({"input": 3}, "input 0 for the recurrences"),
                             ({"pass": "grads+dx", "path": "kernels"}, ">= 1 for the others"),

@@ -512,15 +512,17 @@ def test_grads_knob_rejects_unknown_values():
 
 @pytest.mark.skipif("avx512bf16" not in ISAS, reason="needs AVX512-BF16 in this CPU and build")
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_bfloat16_single_row_runs_float_scratch_with_native_conversions(nonlinearity):
-    # At B = 1 the AVX512-BF16 table's bfloat16 recurrences keep a float32 state (b16_one_row):
-    # the same arithmetic as the AVX-512 table's, whose conversions are emulated, so forward
-    # and backward agree bit for bit (on inputs without subnormals, which vcvtneps2bf16 flushes).
+@pytest.mark.parametrize("batch", [1, 5])
+def test_bfloat16_float32_products_run_the_float_scratch_with_native_conversions(nonlinearity, batch):
+    # With cpu_bf16_products float32 the AVX512-BF16 table's bfloat16 recurrences keep a float32
+    # state (b16_float): the same arithmetic as the AVX-512 table's, whose conversions are
+    # emulated, so forward and backward agree bit for bit (on inputs without subnormals, which
+    # vcvtneps2bf16 flushes). Both products are checked against torch.nn in test_autotune.
     rnn = myrnn_fast.RNN(3, 40, nonlinearity=nonlinearity, backend="cpp").bfloat16()
-    x = torch.randn(30, 1, 3, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(30, batch, 3, dtype=torch.bfloat16, requires_grad=True)
     results = []
     for isa in ("avx512", "avx512bf16"):
-        with config.override(cpu_isa=isa, cpu_path="tiles"):
+        with config.override(cpu_isa=isa, cpu_path="tiles", cpu_bf16_products="float32"):
             out, h_n = rnn(x)
             grads = torch.autograd.grad((out * out).sum() + h_n.sum(), [x, *rnn.parameters()])
         results.append((out, h_n, *grads))

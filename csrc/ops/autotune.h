@@ -5,7 +5,9 @@
 //    GEMM per step;
 //  - the backward's weight gradients (and grad x): summed in the kernels' register tiles or formed
 //    by ATen GEMMs, whose fixed cost per call dominates at small sizes;
-//  - one RNNCell step: the kernels' dot products or ATen GEMMs.
+//  - one RNNCell step: the kernels' dot products or ATen GEMMs;
+//  - where the tiles run a bfloat16 recurrence with AVX512-BF16, forward and reverse: their
+//    products by vdpbf16ps on 16-bit pairs, or by FMAs on float32 copies of the state and W_hh.
 //
 // A kind is what moves the crossover: the pass, the hidden size, the input size (for the
 // gradients and the cell only: the recurrences never read it), the batch and the sequence length
@@ -26,12 +28,16 @@ namespace myrnn_fast::cpu::autotune {
 
 // What is chosen: the forward or reverse recurrence, the backward's gradients (with or without
 // grad x, whose GEMM moves that crossover), or an RNNCell step.
-enum class Pass : int { kForward = 0, kBackward = 1, kGrads = 2, kGradsDx = 3, kCell = 4 };
+// kBf16Forward and kBf16Backward: the bfloat16 tiles' products, in the recurrences of those passes.
+enum class Pass : int { kForward = 0, kBackward = 1, kGrads = 2, kGradsDx = 3, kCell = 4, kBf16Forward = 5,
+                        kBf16Backward = 6 };
 // The two candidates: kKernels is the kernels of kernels/cpu (named "tiles" for the recurrences,
-// "kernels" for the gradients and the cell), kGemm the BLAS route.
+// "kernels" for the gradients and the cell), kGemm the BLAS route. For the bfloat16 products'
+// passes, kKernels is "pairs" (vdpbf16ps) and kGemm "float32" (FMAs on float32 copies).
 enum class Path : int { kKernels = 0, kGemm = 1 };
 
 const char* name(Pass pass);
+bool is_recurrence(Pass pass);  // whether the input size is not part of the kind (Key::input 0)
 const char* name(Pass pass, Path path);
 std::optional<Pass> pass_named(const std::string& name);
 std::optional<Path> path_named(Pass pass, const std::string& name);

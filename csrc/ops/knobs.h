@@ -79,6 +79,10 @@ extern Knob cpu_cell;
 extern Knob cpu_parallel_min_work;
 // Multiply-adds from which _C.rnn_cell_cpu releases the GIL while it computes.
 extern Knob cpu_cell_gil_release_min_work;
+// The bfloat16 recurrences' products with AVX512-BF16: pairs (vdpbf16ps on the 16-bit state and
+// W_hh) or float32 (FMAs on float32 copies of both); auto measures per kind, or float32.
+enum class CpuBf16Products : int64_t { kAuto, kPairs, kFloat32 };  // cpu_bf16_products' choices, in order
+extern Knob cpu_bf16_products;
 
 #ifdef MYRNN_WITH_CUDA
 // How the CUDA recurrence runs: persistent kernels where they fit (auto), with W_hh in registers

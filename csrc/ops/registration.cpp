@@ -284,14 +284,15 @@ PYBIND11_MODULE(_C, m) {
          const std::string& dtype, int64_t threads, const std::string& isa, const std::string& path_name) {
         namespace autotune = myrnn_fast::cpu::autotune;
         const auto pass = autotune::pass_named(pass_name);
-        TORCH_CHECK_VALUE(pass, "pass must be forward, backward, grads, grads+dx or cell, got ", pass_name);
+        TORCH_CHECK_VALUE(pass, "pass must be forward, backward, grads, grads+dx, cell, bf16 forward or bf16 backward, got ",
+                          pass_name);
         const auto path = autotune::path_named(*pass, path_name);
-        TORCH_CHECK_VALUE(path, "path must be ", autotune::name(*pass, autotune::Path::kKernels), " or gemm for pass ",
+        TORCH_CHECK_VALUE(path, "path must be ", autotune::name(*pass, autotune::Path::kKernels), " or ",
+                          autotune::name(*pass, autotune::Path::kGemm), " for pass ",
                           pass_name, ", got ", path_name);
         for (const int64_t n : {batch_max, steps_max})
           TORCH_CHECK_VALUE(n >= 1 && autotune::bucket(n) == n, "batch_max and steps_max must be powers of two, got ", n);
-        const bool recurrence = *pass == autotune::Pass::kForward || *pass == autotune::Pass::kBackward;
-        TORCH_CHECK_VALUE(hidden >= 1 && (recurrence ? input == 0 : input >= 1),
+        TORCH_CHECK_VALUE(hidden >= 1 && (autotune::is_recurrence(*pass) ? input == 0 : input >= 1),
                           "hidden must be >= 1, and input 0 for the recurrences' passes and >= 1 for the others");
         TORCH_CHECK_VALUE(*pass != autotune::Pass::kCell || steps_max == 1, "a cell's steps_max is 1, got ", steps_max);
         autotune::record({{*pass, hidden, input, batch_max, steps_max, dtype, threads, isa}, *path, {0.0, 0.0}});

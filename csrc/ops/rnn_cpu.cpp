@@ -79,14 +79,6 @@ template <> struct Storage<at::Half> { using type = f16; };
 template <typename T> using storage_t = typename Storage<T>::type;
 
 template <typename S> const Kernels<S>& kernels();
-// The kernels a recurrence over `batch` rows takes: bfloat16 at B = 1 those of
-// KernelTable::b16_one_row (a single row's step is one dependent chain; see there).
-template <typename S> const Kernels<S>& kernels_for_batch(int64_t batch) {
-  if constexpr (std::is_same_v<S, bf16>) {
-    if (batch == 1) return table().b16_one_row;
-  }
-  return kernels<S>();
-}
 template <> const Kernels<float>& kernels<float>() { return table().f32; }
 template <> const Kernels<double>& kernels<double>() { return table().f64; }
 template <> const Kernels<bf16>& kernels<bf16>() { return table().b16; }
@@ -164,14 +156,15 @@ struct PathChoice {
 
 // The key of a call's kind (ops/autotune.h): `input` does not count for the recurrences.
 autotune::Key tuning_key(autotune::Pass pass, const Layout& l, at::ScalarType dtype) {
-  const bool recurrence = pass == autotune::Pass::kForward || pass == autotune::Pass::kBackward;
-  return {pass,         l.hidden,          recurrence ? 0 : l.input, autotune::bucket(l.batch),
+  return {pass,         l.hidden,          autotune::is_recurrence(pass) ? 0 : l.input, autotune::bucket(l.batch),
           autotune::bucket(l.seq_len), dtype_name(dtype), at::get_num_threads(), table().isa};
 }
 
 // The route a knob forces, if any: cpu_path, cpu_grads and cpu_cell each list auto (nothing
 // forced), then the kernels' route, then gemm.
 static_assert(static_cast<int>(knobs::CpuPath::kTiles) == 1 && static_cast<int>(knobs::CpuPath::kGemm) == 2 &&
+              static_cast<int>(knobs::CpuBf16Products::kPairs) == 1 &&
+              static_cast<int>(knobs::CpuBf16Products::kFloat32) == 2 &&
               static_cast<int>(knobs::CpuGrads::kKernels) == 1 && static_cast<int>(knobs::CpuGrads::kGemm) == 2 &&
               static_cast<int>(knobs::CpuCell::kKernels) == 1 && static_cast<int>(knobs::CpuCell::kGemm) == 2);
 std::optional<autotune::Path> forced(const knobs::Knob& knob) {
@@ -203,6 +196,45 @@ double seconds_of(const F& fn) {
   const auto start = std::chrono::steady_clock::now();
   fn();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// The first steps of a sequence, at most `steps`, as the recurrence kernels see them, and the
+// number of rows they cover: what recurrence_kernels times its candidates on, so that a first
+// call holds a copy of a few steps' rows, not of the whole sequence's.
+Sequence prefix(const Sequence& s, int64_t steps, int64_t* rows) {
+  Sequence p = s;
+  p.seq_len = std::min(s.seq_len, steps);
+  const Step last = step_at(p, p.seq_len - 1);
+  *rows = last.offset + last.batch_size;
+  return p;
+}
+constexpr int64_t kMeasuredSteps = 64;
+
+// The kernels the tiles run a recurrence with. bfloat16 with AVX512-BF16 has two sets: those of
+// KernelTable::b16, whose vdpbf16ps multiplies pairs of the 16-bit state by pairs of W_hh's rows,
+// and those of KernelTable::b16_float, FMAs on float32 copies of the state and of W_hh (same
+// conversions, same rounding of every stored value; the sums differ in order only). Two products
+// per instruction should win, but where vdpbf16ps issues at half an FMA's rate (measured on
+// Sapphire Rapids: the pairs were 1.1-1.8x slower at every shape tried, one row or many) it does
+// not. So knob cpu_bf16_products picks, and under auto the first call of each kind times both
+// (with cpu_autotune 0 the float32 copies serve): run(kernels) runs the recurrence over the first
+// kMeasuredSteps steps only (every step costs the same) into buffers of its own, copies of its
+// inputs made off the clock, and returns its seconds.
+template <typename S, typename Run>
+const Kernels<S>& recurrence_kernels(const Layout& l, bool backward, const Run& run) {
+  const Kernels<S>& k = kernels<S>();
+  if constexpr (std::is_same_v<S, bf16>) {
+    if (k.matrix != Matrix::kBf16Pairs) return k;
+    using autotune::Path;
+    const auto pick = [&](Path path) -> const Kernels<S>& { return path == Path::kKernels ? k : table().b16_float; };
+    if (const auto path = forced(knobs::cpu_bf16_products)) return pick(*path);
+    if (!knobs::cpu_autotune.get() || l.seq_len == 0) return pick(Path::kGemm);
+    const PathChoice c =
+        measured(backward ? autotune::Pass::kBf16Backward : autotune::Pass::kBf16Forward, l, at::kBFloat16);
+    if (c.path) return pick(*c.path);
+    return pick(autotune::measure(c.key, [&](Path path) { return run(pick(path)); }));
+  }
+  return k;
 }
 
 // fn(r0, r1) over [0, batch) rows, one even share per thread of ATen's pool when `work` (in
@@ -334,7 +366,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   if (l.seq_len == 0) h_n.copy_(h);
 
   MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
-    const auto& k = kernels_for_batch<storage_t<scalar_t>>(l.batch);
+    using S = storage_t<scalar_t>;
+    const auto& k = kernels<S>();
     // The input projection of every step at once; the recurrence then updates it in place.
     if (l.input == 1) {
       out = at::empty({l.rows, H}, x.options());
@@ -350,15 +383,23 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
     } else {
       out = input_projection(rows, w_ih, summed_bias(b_ih, b_hh));
     }
+    // The tiles' recurrence by kernels `kt` over the projections in `o`, in place.
+    const auto tiles = [&](const Kernels<S>& kt, const Sequence& s, const at::Tensor& o, const at::Tensor& hn) {
+      const at::Tensor w_hh_t = recurrent_matrix(kt, w_hh.t());
+      for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
+        kt.forward(s, ptr<scalar_t>(o), cptr<scalar_t>(h), w_hh_t.const_data_ptr(), ptr<scalar_t>(hn), relu, r0, r1);
+      });
+    };
     // The recurrence over the projections in `o`, in place, by one path; final states into `hn`.
     const auto recur = [&](autotune::Path path, const at::Tensor& o, const at::Tensor& hn) {
       if (path == autotune::Path::kKernels) {
-        const at::Tensor w_hh_t = recurrent_matrix(k, w_hh.t());
-        const Sequence s = l.sequence();
-        for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
-          k.forward(s, ptr<scalar_t>(o), cptr<scalar_t>(h), w_hh_t.const_data_ptr(), ptr<scalar_t>(hn), relu, r0, r1);
+        const Kernels<S>& kt = recurrence_kernels<S>(l, /*backward=*/false, [&](const Kernels<S>& candidate) {
+          int64_t rows = 0;
+          const Sequence first = prefix(l.sequence(), kMeasuredSteps, &rows);
+          const at::Tensor o_copy = o.narrow(0, 0, rows).clone(), hn_copy = at::empty_like(hn);  // off the clock
+          return seconds_of([&] { tiles(candidate, first, o_copy, hn_copy); });
         });
-        return;
+        return tiles(kt, l.sequence(), o, hn);
       }
       if (const auto packed = packed_columns<scalar_t>(l, w_hh)) {  // float32 only
         const auto& kf = kernels<float>();
@@ -409,18 +450,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   at::Tensor dz = at::empty({N, H}, y.options());
 
   MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_backward", [&] {
-    const auto& k = kernels_for_batch<storage_t<scalar_t>>(l.batch);
+    using S = storage_t<scalar_t>;
+    const auto& k = kernels<S>();
     const auto* go_p = go.defined() ? cptr<scalar_t>(go) : nullptr;
     const auto* ghn_p = ghn.defined() ? cptr<scalar_t>(ghn) : nullptr;
     // The reverse recurrence into `d` (every element written) by one path.
+    const auto tiles = [&](const Kernels<S>& kt, const Sequence& s, const at::Tensor& d) {
+      const at::Tensor m = recurrent_matrix(kt, w);
+      for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
+        kt.backward(s, ptr<scalar_t>(d), go_p, ghn_p, cptr<scalar_t>(y), m.const_data_ptr(), relu, r0, r1);
+      });
+    };
     const auto recur = [&](autotune::Path path, const at::Tensor& d) {
       if (path == autotune::Path::kKernels) {
-        const Sequence s = l.sequence();
-        const at::Tensor m = recurrent_matrix(k, w);
-        for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
-          k.backward(s, ptr<scalar_t>(d), go_p, ghn_p, cptr<scalar_t>(y), m.const_data_ptr(), relu, r0, r1);
+        const Kernels<S>& kt = recurrence_kernels<S>(l, /*backward=*/true, [&](const Kernels<S>& candidate) {
+          int64_t rows = 0;
+          const Sequence first = prefix(l.sequence(), kMeasuredSteps, &rows);  // its last step takes grad_h_n
+          const at::Tensor d_copy = at::empty({rows, H}, d.options());
+          return seconds_of([&] { tiles(candidate, first, d_copy); });
         });
-        return;
+        return tiles(kt, l.sequence(), d);
       }
       gemm_backward(d, go, ghn, y, w, l, [&](const at::Tensor& g_t, const at::Tensor& y_t) {
         auto* g = ptr<scalar_t>(g_t);

@@ -309,8 +309,8 @@ constexpr bool kFloatScratch = (std::is_same_v<T, bf16> && !kPairs) || std::is_s
 template <typename T> using matrix_t = std::conditional_t<kFloatScratch<T>, float, T>;
 
 // Whether kernels over storage T with the matrix in M keep the float scratch: exactly when M is
-// float and T is not. That is matrix_t<T>'s choice, or, for bfloat16 with pairs, the single-row
-// variant (Kernels<bf16> of KernelTable::b16_one_row).
+// float and T is not. That is matrix_t<T>'s choice, or, for bfloat16 with pairs, the float32-products
+// variant (Kernels<bf16> of KernelTable::b16_float).
 template <typename T, typename M> constexpr bool kScratch = std::is_same_v<M, float> && !std::is_same_v<T, float>;
 
 // Where m[k][j] is in the recurrent matrix's layout (see kPairs).
@@ -888,9 +888,9 @@ constexpr Kernels<T> kernels_for() {
           &cell<T>,     &grads<T>,    &grads_finish<T>,       matrix};
 }
 
-// bfloat16 for a single row: the recurrences with the float scratch and m in float32, the rest
+// bfloat16 by float32 products: the recurrences with the float scratch and m in float32, the rest
 // as kernels_for<bf16>().
-constexpr Kernels<bf16> kernels_for_one_row() {
+constexpr Kernels<bf16> kernels_for_bf16_float() {
   Kernels<bf16> k = kernels_for<bf16>();
   k.forward = &forward<bf16, float>;
   k.backward = &backward<bf16, float>;
@@ -907,7 +907,7 @@ constexpr Kernels<bf16> kernels_for_one_row() {
 const KernelTable& MYRNN_CAT(kernels_, MYRNN_ISA)() {
   static const KernelTable table{MYRNN_STR(MYRNN_ISA),          MYRNN_ISA::kernels_for<float>(),
                                  MYRNN_ISA::kernels_for<double>(), MYRNN_ISA::kernels_for<bf16>(),
-                                 MYRNN_ISA::kernels_for_one_row(), MYRNN_ISA::kernels_for<f16>(),
+                                 MYRNN_ISA::kernels_for_bf16_float(), MYRNN_ISA::kernels_for<f16>(),
                                  MYRNN_ISA::kConversions};
   return table;
 }

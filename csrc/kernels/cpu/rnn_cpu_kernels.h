@@ -105,11 +105,12 @@ struct KernelTable {
   Kernels<float> f32;
   Kernels<double> f64;
   Kernels<bf16> b16;
-  // bfloat16 recurrences over a single row (B = 1). One row's step is one chain of dependent
-  // multiply-adds, and AVX512-BF16's pairwise vdpbf16ps has about twice an FMA's latency, so
-  // where b16 multiplies pairs these keep a float32 copy of the state and of W_hh instead (the
-  // chain is float32's) and convert with the same instructions as b16. Elsewhere they are b16.
-  Kernels<bf16> b16_one_row;
+  // bfloat16 recurrences whose products are FMAs on float32 copies of the state and of W_hh, with
+  // the same conversions as b16 (the rest is b16's). Where b16 multiplies pairs (AVX512-BF16's
+  // vdpbf16ps), the op chooses between the two (ops/rnn_cpu.cpp, recurrence_kernels): one row's
+  // step is one dependent chain, and vdpbf16ps has about twice an FMA's latency; on Sapphire
+  // Rapids it also issues at half an FMA's rate. Elsewhere these are b16.
+  Kernels<bf16> b16_float;
   Kernels<f16> h16;
   // How this table converts 16-bit storage to float and back, for `myrnn-fast info`.
   const char* conversions;

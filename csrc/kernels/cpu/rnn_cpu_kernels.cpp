@@ -717,19 +717,25 @@ void grads_finish(const void* acc_v, int64_t parts, int64_t stride, int64_t H, i
   for (int64_t j = 0; j < H; ++j) grad_b[j] = narrow<T>(total(H * H + I * H + j));
 }
 
+// out[n] = x[n] w + (b_ih + b_hh). The weights and the bias sum are widened once per call, not
+// once per row (for float16/bfloat16 that is most of the instructions); same sums either way.
 template <typename T>
 void project_univariate(T* out, const T* x, const T* w, const T* b_ih, const T* b_hh, int64_t rows,
                         int64_t hidden) {
+  using C = compute_t<T>;
   using V = vec<T>;
   constexpr int W = kLanes<T>;
+  std::vector<C> wc(hidden), bias(hidden, C(0));
+  for (int64_t j = 0; j < hidden; ++j) {
+    wc[j] = widen(w[j]);
+    if (b_ih) bias[j] = widen(b_ih[j]) + widen(b_hh[j]);
+  }
   for (int64_t n = 0; n < rows; ++n) {
     const V xn = splat<V>(widen(x[n]));
     T* o = out + n * hidden;
     int64_t j = 0;
-    for (; j + W <= hidden; j += W)
-      store(o + j, (b_ih ? load(b_ih + j) + load(b_hh + j) : V{}) + xn * load(w + j));
-    for (; j < hidden; ++j)
-      o[j] = narrow<T>((b_ih ? widen(b_ih[j]) + widen(b_hh[j]) : compute_t<T>(0)) + widen(x[n]) * widen(w[j]));
+    for (; j + W <= hidden; j += W) store(o + j, load(bias.data() + j) + xn * load(wc.data() + j));
+    for (; j < hidden; ++j) o[j] = narrow<T>(bias[j] + widen(x[n]) * wc[j]);
   }
 }
 

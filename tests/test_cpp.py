@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_sequence
 import myrnn_fast
 from myrnn_fast import config, registry
 
-from parity import cell_pair, check_module, layer_args as _layer_args, randn as _randn, rnn_pair
+from parity import assert_close, cell_pair, check_module, layer_args as _layer_args, randn as _randn, rnn_pair
 
 pytestmark = pytest.mark.skipif(
     registry.unavailable_reason("cpp") is not None, reason=f"cpp: {registry.unavailable_reason('cpp')}"
@@ -530,7 +530,7 @@ def test_bfloat16_float32_products_run_the_float_scratch_with_native_conversions
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("batch,hidden", [(5, 6), (4, 4), (1, 3), (9, 33)])
+@pytest.mark.parametrize("batch,hidden", [(5, 6), (4, 4), (1, 3), (9, 33), (13, 150)])
 def test_cell_kernel_gives_a_row_the_same_result_wherever_it_sits(batch, hidden):
     # The cell kernels work in blocks of rows and units (4 x 4 with AVX512-BF16): a row repeated
     # at the last position, inside a partial block, must come out bit-identical to the first.
@@ -543,3 +543,27 @@ def test_cell_kernel_gives_a_row_the_same_result_wherever_it_sits(batch, hidden)
             y = cell(x, h)
             alone = cell(x[:1], h[:1])
         assert torch.equal(y[-1], y[0]) and torch.equal(y[0], alone[0]), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cell_kernel_split_over_threads_matches_one_thread_and_torch(dtype):
+    # 13 x 150 x (7 + 150) multiply-adds exceed cpu_parallel_min_work: the kernels' step runs
+    # on two threads, each on its own rows, and must give what one thread gives, and torch.nn's
+    # values within the dtype's tolerance.
+    torch.manual_seed(1)
+    ref = torch.nn.RNNCell(7, 150).to(dtype)
+    cell = myrnn_fast.RNNCell(7, 150, backend="cpp").to(dtype)
+    cell.load_state_dict(ref.state_dict())
+    x, h = torch.randn(13, 7, dtype=dtype), torch.randn(13, 150, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        with config.override(cpu_cell="kernels"), torch.no_grad():
+            torch.set_num_threads(2)
+            split = cell(x, h)
+            torch.set_num_threads(1)
+            alone = cell(x, h)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, alone)
+    with torch.no_grad():
+        assert_close(split, ref(x, h), dtype, "cell output")

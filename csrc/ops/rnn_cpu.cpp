@@ -526,9 +526,12 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
           bi = b_ih->expect_contiguous();
           bh = b_hh->expect_contiguous();
         }
-        k.cell(cptr<scalar_t>(*xc), cptr<scalar_t>(*hc), cptr<scalar_t>(*wi), cptr<scalar_t>(*wh),
-               b_ih ? cptr<scalar_t>(*bi) : nullptr, b_ih ? cptr<scalar_t>(*bh) : nullptr, ptr<scalar_t>(out), B, I, H,
-               relu);
+        // Rows never interact: each thread of the pool takes its share, when there is enough work.
+        for_rows(B, B * H * (I + H), [&](int64_t r0, int64_t r1) {
+          k.cell(cptr<scalar_t>(*xc) + r0 * I, cptr<scalar_t>(*hc) + r0 * H, cptr<scalar_t>(*wi),
+                 cptr<scalar_t>(*wh), b_ih ? cptr<scalar_t>(*bi) : nullptr, b_ih ? cptr<scalar_t>(*bh) : nullptr,
+                 ptr<scalar_t>(out) + r0 * H, r1 - r0, I, H, relu);
+        });
         return out;
       }
       at::Tensor out = slow_gemm(x.scalar_type())

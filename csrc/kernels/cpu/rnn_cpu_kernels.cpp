@@ -803,12 +803,10 @@ inline void sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* out) {
   for (int i = 0; i < 4; ++i) out[i] = lanes[4 * i];
 }
 
-// z[r][c] += sum_k a[r][k] w[c][k] for k < n, for 4 rows a[r] and 4 rows w[c]: each loaded
-// vector feeds four vdpbf16ps, and the 16 sums are reduced four at a time.
-inline void dots4x4(const bf16* const (&a)[4], const bf16* const (&w)[4], int64_t n, float (&z)[4][4]) {
-  __m512 acc[4][4];
-  for (auto& row : acc)
-    for (auto& v : row) v = _mm512_setzero_ps();
+// acc[r][c] += the products a[r][k] w[c][k] for k < n, for 4 rows a[r] and 4 rows w[c], lane by
+// lane: each loaded vector feeds four vdpbf16ps. The caller reduces the lanes once, after both
+// of a step's products (a reduction costs as much as a few blocks of products).
+inline void add_dots4x4(const bf16* const (&a)[4], const bf16* const (&w)[4], int64_t n, __m512 (&acc)[4][4]) {
   const auto block = [&](int64_t k, __mmask32 mask) {
     __m512bh av[4], wv[4];
     for (int r = 0; r < 4; ++r) av[r] = bits_as<__m512bh>(_mm512_maskz_loadu_epi16(mask, a[r] + k));
@@ -819,11 +817,6 @@ inline void dots4x4(const bf16* const (&a)[4], const bf16* const (&w)[4], int64_
   int64_t k = 0;
   for (; k + 32 <= n; k += 32) block(k, ~__mmask32{0});
   if (k < n) block(k, static_cast<__mmask32>((uint64_t{1} << (n - k)) - 1));
-  for (int r = 0; r < 4; ++r) {
-    float sums[4];
-    sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], sums);
-    for (int c = 0; c < 4; ++c) z[r][c] += sums[c];
-  }
 }
 
 // Rows i0 .. i0 + 3 of a [n, input] and b [n, hidden], the last row repeated past n - 1.
@@ -847,12 +840,16 @@ inline void cell_blocks(const bf16* x, const bf16* h, const bf16* w_ih, const bf
     for (int64_t j = 0; j < hidden; j += 4) {
       const bf16 *wi[4], *wh[4];
       four_rows(w_ih, w_hh, j, hidden, input, hidden, wi, wh);
-      float zx[4][4] = {}, zh[4][4] = {};
-      dots4x4(xr, wi, input, zx);
-      dots4x4(hr, wh, hidden, zh);
+      __m512 acc[4][4];
+      for (auto& row : acc)
+        for (auto& v : row) v = _mm512_setzero_ps();
+      add_dots4x4(xr, wi, input, acc);
+      add_dots4x4(hr, wh, hidden, acc);
+      float z[4][4];
+      for (int r = 0; r < 4; ++r) sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], z[r]);
       for (int r = 0; r < 4 && b + r < batch; ++r)
         for (int c = 0; c < 4 && j + c < hidden; ++c) {
-          float v = zx[r][c] + zh[r][c];
+          float v = z[r][c];
           if (b_ih) v += widen(b_ih[j + c]) + widen(b_hh[j + c]);
           y[(b + r) * hidden + j + c] = narrow<bf16>(v);
         }

@@ -530,6 +530,51 @@ def test_bfloat16_float32_products_run_the_float_scratch_with_native_conversions
         assert torch.equal(a, b)
 
 
+def _on_threads(n, fn):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("x_grad", [True, False], ids=["dx", "no-dx"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_kernel_grads_split_over_steps_match_torch(dtype, x_grad, B):
+    # With fewer rows than threads (B = 1 on two threads) and 64 x 48 x (48 + 8 or 16) multiply-adds,
+    # above cpu_parallel_min_work, the kernels' weight gradients split the steps over the threads:
+    # every span but the first starts from the step before it, and only the first writes grad h0.
+    # B = 3 (more rows than threads) takes the split over rows: both against torch.nn.
+    ref, ours = rnn_pair("cpp", 8, 48, dtype=dtype)
+
+    def make():
+        x, h0 = _randn(64, B, 8, dtype=dtype, seed=1, grad=x_grad), _randn(1, B, 48, dtype=dtype, seed=2)
+        return (x, h0), [x, h0] if x_grad else [h0]
+
+    with config.override(cpu_grads="kernels", cpu_path="tiles"):
+        _on_threads(2, lambda: check_module(ref, ours, make, dtype))
+
+
+def test_kernel_grads_split_over_steps_in_bfloat16_match_one_thread():
+    # torch.nn's bfloat16 gradients round every step's intermediates, so they are no reference
+    # for a 64-step sum; one thread (no split) is: the same float32 sums in another order, each
+    # gradient rounded once, so they agree to a bfloat16 ulp.
+    rnn = myrnn_fast.RNN(8, 48, backend="cpp").bfloat16()
+    x = _randn(64, 1, 8, dtype=torch.bfloat16, seed=1)
+    h0 = _randn(1, 1, 48, dtype=torch.bfloat16, seed=2)
+
+    def grads():
+        out, h_n = rnn(x, h0)
+        return torch.autograd.grad((out * out).sum() + h_n.sum(), [x, h0, *rnn.parameters()])
+
+    with config.override(cpu_grads="kernels", cpu_path="tiles"):
+        split, alone = _on_threads(2, grads), _on_threads(1, grads)
+    for a, b in zip(split, alone):
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-3)
+
+
 @pytest.mark.parametrize("batch,hidden", [(5, 6), (4, 4), (1, 3), (9, 33), (13, 150)])
 def test_cell_kernel_gives_a_row_the_same_result_wherever_it_sits(batch, hidden):
     # The cell kernels work in blocks of rows and units (4 x 4 with AVX512-BF16): a row repeated

@@ -303,7 +303,8 @@ def test_env_var_naming_an_isa_this_cpu_lacks_is_an_error_listing_the_ones_it_ha
     env = {**os.environ, "MYRNN_CPU_ISA": missing[-1]}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode != 0
-    assert f"ValueError: MYRNN_CPU_ISA: cpu_isa must be one of auto, {', '.join(ISAS)}" in result.stderr
+    assert f"ValueError: MYRNN_CPU_ISA: myrnn_fast: knob cpu_isa must be one of auto, {', '.join(ISAS)}; " \
+           f"got '{missing[-1]}'" in result.stderr
 
 
 def test_auto_resolves_to_cpp_on_cpu():

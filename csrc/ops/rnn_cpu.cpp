@@ -310,21 +310,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_gr
     const int64_t stride = grads_size(H, I);
     const int64_t parts = std::max<int64_t>(1, at::get_num_threads());
     std::vector<C> acc(parts * stride, C(0));
-    const auto part = [&] { return std::min<int64_t>(at::get_thread_num(), parts - 1); };  // the caller's accumulator
-    const auto mine = [&] { return acc.data() + part() * stride; };
+    // The calling thread's accumulator.
+    const auto mine = [&] { return acc.data() + std::min<int64_t>(at::get_thread_num(), parts - 1) * stride; };
     const int64_t work = grads_work(l, need_grad_x);
     if (!l.packed && B < parts && l.seq_len >= 2 * parts && work >= knobs::cpu_parallel_min_work.get()) {
       // Fewer rows than threads (B = 1 above all): the weight gradients are sums over every
       // (step, row) pair, so each thread takes a span of steps instead, all rows. A span from
       // step t0 is a sequence of its own whose h0 is step t0 - 1's output; only the first span's
-      // grad h0 is the call's.
-      std::vector<scalar_t> discarded(parts * B * H);
+      // grad h0 is the call's (the others pass none).
       at::parallel_for(0, l.seq_len, 1, [&](int64_t t0, int64_t t1) {
         Sequence span = s;
         span.seq_len = t1 - t0;
         const int64_t row = t0 * B;
         const auto* prev = t0 == 0 ? cptr<scalar_t>(*h0c) : cptr<scalar_t>(y) + (row - B) * H;
-        auto* gh0 = t0 == 0 ? ptr<scalar_t>(grad_h0) : reinterpret_cast<S*>(discarded.data() + part() * B * H);
+        auto* gh0 = t0 == 0 ? ptr<scalar_t>(grad_h0) : nullptr;
         k.grads(span, I, cptr<scalar_t>(dz) + row * H, cptr<scalar_t>(*xc) + row * I, prev,
                 cptr<scalar_t>(y) + row * H, cptr<scalar_t>(*wi), cptr<scalar_t>(w_hh), mine(),
                 need_grad_x ? ptr<scalar_t>(grad_x) + row * I : nullptr, gh0, 0, B);

@@ -699,7 +699,7 @@ void grads(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h
       acc_b[j] += sum;
     }
   }
-  product(dz + r0 * H, r1 - r0, H, w_hh, H, grad_h0 + r0 * H);  // step 0's rows are rows [0, B)
+  if (grad_h0) product(dz + r0 * H, r1 - r0, H, w_hh, H, grad_h0 + r0 * H);  // step 0's rows are rows [0, B)
   if (!grad_x) return;
   if (r0 == 0 && r1 == s.batch) {  // all rows: one block, so that tiles span steps (at B = 1 too)
     const Step last = step_at(s, s.seq_len - 1);

@@ -89,7 +89,7 @@ struct Kernels {
   // so threads on disjoint row ranges each fill their own and grads_finish sums them.
   //   input    I;  x [N, I], h0 [B, H], y [N, H] the forward's output, w_ih [H, I], w_hh [H, H]
   //   grad_x   [N, I] out for these rows (dz W_ih), or null for none
-  //   grad_h0  [B, H] out for these rows (dz_0 W_hh); every row is active at step 0
+  //   grad_h0  [B, H] out for these rows (dz_0 W_hh), or null for none; every row is active at step 0
   void (*grads)(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h0, const T* y, const T* w_ih,
                 const T* w_hh, void* acc, T* grad_x, T* grad_h0, int64_t r0, int64_t r1);
   // Sums `parts` accumulators of grads (each `stride` values after the one before) and writes

@@ -578,7 +578,7 @@ def test_kernel_grads_split_over_steps_in_bfloat16_match_one_thread():
 
 @pytest.mark.parametrize("batch,hidden", [(5, 6), (4, 4), (1, 3), (9, 33), (13, 150)])
 def test_cell_kernel_gives_a_row_the_same_result_wherever_it_sits(batch, hidden):
-    # The cell kernels work in blocks of rows and units (4 x 4 with AVX512-BF16): a row repeated
+    # The cell kernels work in blocks of rows and units (4 x 4 with AVX-512): a row repeated
     # at the last position, inside a partial block, must come out bit-identical to the first.
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -801,7 +801,7 @@ inline compute_t<T> dot(const T* a, const T* b, int64_t n) {
   return sum;
 }
 
-#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BW__)
 // The four sums of a0..a3's lanes.
 inline void sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* out) {
   // 128-bit lanes: [a0 + a0 upper half, a1 + a1 upper half], the same for a2, a3; then one lane
@@ -819,25 +819,51 @@ inline void sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* out) {
   for (int i = 0; i < 4; ++i) out[i] = lanes[4 * i];
 }
 
+// Sixteen values of p as floats: those the mask selects, zeros for the rest (nothing is read
+// past them).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const f16* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  return bits_as<__m512>(widen_bf16(_mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, p))));
+}
+
 // acc[r][c] += the products a[r][k] w[c][k] for k < n, for 4 rows a[r] and 4 rows w[c], lane by
-// lane: each loaded vector feeds four vdpbf16ps. The caller reduces the lanes once, after both
-// of a step's products (a reduction costs as much as a few blocks of products).
-inline void add_dots4x4(const bf16* const (&a)[4], const bf16* const (&w)[4], int64_t n, __m512 (&acc)[4][4]) {
-  const auto block = [&](int64_t k, __mmask32 mask) {
-    __m512bh av[4], wv[4];
-    for (int r = 0; r < 4; ++r) av[r] = bits_as<__m512bh>(_mm512_maskz_loadu_epi16(mask, a[r] + k));
-    for (int c = 0; c < 4; ++c) wv[c] = bits_as<__m512bh>(_mm512_maskz_loadu_epi16(mask, w[c] + k));
+// lane: each loaded vector feeds four FMAs (16 k a block; with AVX512-BF16, bfloat16 takes 32 k
+// a block by vdpbf16ps, straight from storage). The caller reduces the lanes once, after both of
+// a step's products (a reduction costs as much as a few blocks of products).
+template <typename T>
+inline void add_products4x4(const T* const (&a)[4], const T* const (&w)[4], int64_t n, __m512 (&acc)[4][4]) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, bf16>) {
+    const auto block = [&](int64_t k, __mmask32 mask) {
+      __m512bh av[4], wv[4];
+      for (int r = 0; r < 4; ++r) av[r] = bits_as<__m512bh>(_mm512_maskz_loadu_epi16(mask, a[r] + k));
+      for (int c = 0; c < 4; ++c) wv[c] = bits_as<__m512bh>(_mm512_maskz_loadu_epi16(mask, w[c] + k));
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[r], wv[c]);
+    };
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) block(k, ~__mmask32{0});
+    if (k < n) block(k, static_cast<__mmask32>((uint64_t{1} << (n - k)) - 1));
+    return;
+  }
+#endif
+  const auto block = [&](int64_t k, __mmask16 mask) {
+    __m512 av[4], wv[4];
+    for (int r = 0; r < 4; ++r) av[r] = load16(a[r] + k, mask);
+    for (int c = 0; c < 4; ++c) wv[c] = load16(w[c] + k, mask);
     for (int r = 0; r < 4; ++r)
-      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[r], wv[c]);
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(av[r], wv[c], acc[r][c]);
   };
   int64_t k = 0;
-  for (; k + 32 <= n; k += 32) block(k, ~__mmask32{0});
-  if (k < n) block(k, static_cast<__mmask32>((uint64_t{1} << (n - k)) - 1));
+  for (; k + 16 <= n; k += 16) block(k, __mmask16{0xFFFF});
+  if (k < n) block(k, static_cast<__mmask16>((1u << (n - k)) - 1));
 }
 
 // Rows i0 .. i0 + 3 of a [n, input] and b [n, hidden], the last row repeated past n - 1.
-inline void four_rows(const bf16* a, const bf16* b, int64_t i0, int64_t n, int64_t input, int64_t hidden,
-                      const bf16* (&ra)[4], const bf16* (&rb)[4]) {
+template <typename T>
+inline void four_rows(const T* a, const T* b, int64_t i0, int64_t n, int64_t input, int64_t hidden,
+                      const T* (&ra)[4], const T* (&rb)[4]) {
   for (int i = 0; i < 4; ++i) {
     const int64_t row = std::min(i0 + i, n - 1);
     ra[i] = a + row * input;
@@ -845,29 +871,31 @@ inline void four_rows(const bf16* a, const bf16* b, int64_t i0, int64_t n, int64
   }
 }
 
-// The bfloat16 cell step in blocks of 4 rows by 4 units. A block past the last row or unit
-// repeats the last one (and stores nothing for it), so every value is the same sum whatever its
-// position.
-inline void cell_blocks(const bf16* x, const bf16* h, const bf16* w_ih, const bf16* w_hh, const bf16* b_ih,
-                        const bf16* b_hh, bf16* y, int64_t batch, int64_t input, int64_t hidden) {
+// The cell step (float32 and the 16-bit types) in blocks of 4 rows by 4 units: each vector
+// loaded from x, h or a weight row serves four units or rows, where a row-by-row dot product
+// loads two vectors per FMA. A block past the last row or unit repeats the last one (and stores
+// nothing for it), so every value is the same sum whatever its position.
+template <typename T>
+inline void cell_blocks(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* y,
+                        int64_t batch, int64_t input, int64_t hidden) {
   for (int64_t b = 0; b < batch; b += 4) {
-    const bf16 *xr[4], *hr[4];
+    const T *xr[4], *hr[4];
     four_rows(x, h, b, batch, input, hidden, xr, hr);
     for (int64_t j = 0; j < hidden; j += 4) {
-      const bf16 *wi[4], *wh[4];
+      const T *wi[4], *wh[4];
       four_rows(w_ih, w_hh, j, hidden, input, hidden, wi, wh);
       __m512 acc[4][4];
       for (auto& row : acc)
         for (auto& v : row) v = _mm512_setzero_ps();
-      add_dots4x4(xr, wi, input, acc);
-      add_dots4x4(hr, wh, hidden, acc);
+      add_products4x4(xr, wi, input, acc);
+      add_products4x4(hr, wh, hidden, acc);
       float z[4][4];
       for (int r = 0; r < 4; ++r) sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], z[r]);
       for (int r = 0; r < 4 && b + r < batch; ++r)
         for (int c = 0; c < 4 && j + c < hidden; ++c) {
           float v = z[r][c];
           if (b_ih) v += widen(b_ih[j + c]) + widen(b_hh[j + c]);
-          y[(b + r) * hidden + j + c] = narrow<bf16>(v);
+          y[(b + r) * hidden + j + c] = narrow<T>(v);
         }
     }
   }
@@ -877,8 +905,8 @@ inline void cell_blocks(const bf16* x, const bf16* h, const bf16* w_ih, const bf
 template <typename T>
 void cell(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, T* y,
           int64_t batch, int64_t input, int64_t hidden, bool relu) {
-#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, bf16>) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BW__)
+  if constexpr (!std::is_same_v<T, double>) {
     cell_blocks(x, h, w_ih, w_hh, b_ih, b_hh, y, batch, input, hidden);
     for (int64_t b = 0; b < batch; ++b) activate(y + b * hidden, hidden, relu);
     return;

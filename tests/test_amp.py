@@ -319,3 +319,45 @@ def test_cpp_under_autocast_compiles_and_exports_like_eager(route):
     for a, b, tol in zip(actual, expected, tolerances):
         assert a.dtype == b.dtype == torch.bfloat16
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=ids)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_16_bit_kernel_grads_match_the_gemm_grads_on_every_isa(dtype, threads):
+    # The 16-bit kernel gradients widen the rows in chunks (64 rows) and runs of consecutive rows;
+    # here 231 packed rows, with sequences ending mid-chunk, odd sizes (vector tails) and, on two
+    # threads, each thread's rows past row 0. The GEMM route sums the same float32 products of
+    # the same dz: both round each gradient once, so they agree to about a 16-bit ulp.
+    _cpp()
+    from myrnn_fast import _C, config
+
+    T, I, H = 40, 5, 37
+    lengths = torch.tensor([40, 40, 33, 30, 25, 17, 16, 16, 9, 5])
+    batch_sizes = torch.tensor([int((lengths > t).sum()) for t in range(T)])
+    N = int(batch_sizes.sum())
+    g = torch.Generator().manual_seed(7)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x, h0 = rand(N, I), rand(len(lengths), H)
+    w_ih, w_hh, b_ih, b_hh = rand(H, I, scale=0.3), rand(H, H, scale=0.2), rand(H), rand(H)
+    grad_out, grad_h_n = rand(N, H), rand(len(lengths), H)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for isa in _C.cpu_isas():
+            with config.override(cpu_isa=isa, cpu_path="tiles", cpu_parallel_min_work=0):
+                out, _ = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, "tanh")
+                results = {}
+                for route in ("kernels", "gemm"):
+                    with config.override(cpu_grads=route):
+                        results[route] = _C.rnn_backward_cpu(
+                            grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes, "tanh", True
+                        )
+            for name, a, b in zip(("x", "h0", "w_ih", "w_hh", "b"), results["kernels"], results["gemm"]):
+                assert a.dtype == dtype and a.shape == b.shape, (isa, name)
+                scale = b.float().abs().max().item()
+                torch.testing.assert_close(a.float(), b.float(), rtol=2**-6, atol=2**-7 * scale, msg=f"{isa} grad {name}")
+    finally:
+        torch.set_num_threads(previous)

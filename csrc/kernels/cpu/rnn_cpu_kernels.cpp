@@ -591,7 +591,7 @@ inline void outer_tile(C* acc, const Rows& rows, int64_t H, int64_t k0, int64_t 
   for (int kr = 0; kr < KR; ++kr)
     for (int v = 0; v < JV; ++v) {
       C* out = acc + (k0 + kr) * H + j0 + v * W;
-      for (int i = 0; i < W; ++i) out[i] += sum[kr][v][i];
+      store(out, load(out) + sum[kr][v]);
     }
 }
 
@@ -671,9 +671,98 @@ void product(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T*
   for (; r < count; ++r) product_rows<T, 1>(a + r * H, H, m, width, tail.data(), out + r * width);
 }
 
+// The 16-bit grads (below) widen their rows in chunks of this many: each chunk's float32 copies
+// (dz, the previous states, the inputs) stay in L1/L2 while every tile of the sums passes over them.
+constexpr int64_t kWidenedRows = 64;
+
+template <typename T>
+void widen_row(const T* src, float* dst, int64_t n) {
+  constexpr int W = kLanes<T>;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store(dst + i, load(src + i));
+  for (; i < n; ++i) dst[i] = widen(src[i]);
+}
+
+template <typename T>
+void narrow_row(const float* src, T* dst, int64_t n) {
+  constexpr int W = kLanes<T>;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store(dst + i, load(src + i));
+  for (; i < n; ++i) dst[i] = narrow<T>(src[i]);
+}
+
+// grads for float16 and bfloat16 storage. Each tile of the weight-gradient sums passes over every
+// row, and 16-bit operands would be widened again on every pass: a scalar widening per broadcast
+// and a conversion per loaded vector, nearly doubling the instructions of float32's tiles (where
+// the broadcast folds into the FMA). So the rows are widened once, a chunk of kWidenedRows at a
+// time into scratch that stays in cache, and float32's tiles sum them: the same products of the
+// same values in float32, added to `acc` once per chunk instead of once per call. The weights of
+// grad x are widened once per call (an H x I float32 copy). grad h0 (B rows) keeps the 16-bit product.
+template <typename T>
+void grads_widened(const Sequence& s, int64_t I, const T* dz, const T* x, const T* h0, const T* y, const T* w_ih,
+                   const T* w_hh, void* acc_v, T* grad_x, T* grad_h0, int64_t r0, int64_t r1) {
+  using V = vec<float>;
+  constexpr int W = kLanes<float>;
+  constexpr int64_t K = kWidenedRows;
+  const int64_t H = s.hidden;
+  float* acc_hh = static_cast<float*>(acc_v);
+  float* acc_ih = acc_hh + H * H;
+  float* acc_b = acc_ih + I * H;
+  std::vector<float> scratch(K * (2 * H + I) + (grad_x ? K * I + H * I : 0));
+  float* dzf = scratch.data();
+  float* prevf = dzf + K * H;
+  float* xf = prevf + K * H;
+  float* gxf = xf + K * I;    // grad x of a chunk's rows, before rounding
+  float* w_ihf = gxf + K * I;
+  if (grad_x) widen_row(w_ih, w_ihf, H * I);
+  int64_t rows[K];         // the chunk's rows n, in order
+  const T* prevs[K];       // and the states they continue
+  int64_t count = 0;
+  const auto flush = [&] {
+    // Widened run by run: a step's rows are consecutive, and so are the states they continue
+    // (the previous step's rows), so a dense sequence's chunk is one run of each.
+    for (int64_t c = 0, end; c < count; c = end) {
+      for (end = c + 1; end < count && rows[end] == rows[c] + (end - c) && prevs[end] == prevs[c] + (end - c) * H;)
+        ++end;
+      widen_row(dz + rows[c] * H, dzf + c * H, (end - c) * H);
+      widen_row(x + rows[c] * I, xf + c * I, (end - c) * I);
+      widen_row(prevs[c], prevf + c * H, (end - c) * H);
+    }
+    outer_sum<float>(acc_hh, [&](const auto& fn) { for (int64_t c = 0; c < count; ++c) fn(dzf + c * H, prevf + c * H); }, H, H);
+    outer_sum<float>(acc_ih, [&](const auto& fn) { for (int64_t c = 0; c < count; ++c) fn(dzf + c * H, xf + c * I); }, H, I);
+    int64_t j = 0;
+    for (; j + W <= H; j += W) {
+      V sum{};
+      for (int64_t c = 0; c < count; ++c) sum += load(dzf + c * H + j);
+      store(acc_b + j, load(acc_b + j) + sum);
+    }
+    for (; j < H; ++j) {
+      float sum = 0;
+      for (int64_t c = 0; c < count; ++c) sum += dzf[c * H + j];
+      acc_b[j] += sum;
+    }
+    if (grad_x) {
+      product(dzf, count, H, w_ihf, I, gxf);
+      for (int64_t c = 0; c < count; ++c) narrow_row(gxf + c * I, grad_x + rows[c] * I, I);
+    }
+    count = 0;
+  };
+  for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T* prev) {
+    rows[count] = n;
+    prevs[count++] = prev;
+    if (count == K) flush();
+  });
+  if (count > 0) flush();
+  if (grad_h0) product(dz + r0 * H, r1 - r0, H, w_hh, H, grad_h0 + r0 * H);  // step 0's rows are rows [0, B)
+}
+
 template <typename T>
 void grads(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h0, const T* y, const T* w_ih,
            const T* w_hh, void* acc_v, T* grad_x, T* grad_h0, int64_t r0, int64_t r1) {
+  if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>) {
+    grads_widened(s, input, dz, x, h0, y, w_ih, w_hh, acc_v, grad_x, grad_h0, r0, r1);
+    return;
+  }
   using C = typename Accumulator<T>::type;
   using V = vec<T>;
   constexpr int W = kLanes<T>;
@@ -721,6 +810,31 @@ void grads_finish(const void* acc_v, int64_t parts, int64_t stride, int64_t H, i
                   T* grad_w_ih, T* grad_b) {
   using C = typename Accumulator<T>::type;
   const C* acc = static_cast<const C*>(acc_v);
+  if constexpr (!std::is_same_v<T, C>) {
+    // 16-bit gradients: the parts' sums first, vector by vector, then each gradient row gathered
+    // from the transposed sums into a float row and rounded by vector stores (a scalar rounding
+    // per value costs as much as the whole gather).
+    constexpr int W = kLanes<T>;
+    const int64_t n = grads_size(H, I);
+    std::vector<float> sum(acc, acc + n);
+    for (int64_t p = 1; p < parts; ++p) {
+      const float* part = acc + p * stride;
+      int64_t i = 0;
+      for (; i + W <= n; i += W) store(sum.data() + i, load(sum.data() + i) + load(part + i));
+      for (; i < n; ++i) sum[i] += part[i];
+    }
+    std::vector<float> row(std::max(H, I));
+    for (int64_t j = 0; j < H; ++j) {
+      for (int64_t k = 0; k < H; ++k) row[k] = sum[k * H + j];
+      narrow_row(row.data(), grad_w_hh + j * H, H);
+    }
+    for (int64_t j = 0; j < H; ++j) {
+      for (int64_t i = 0; i < I; ++i) row[i] = sum[H * H + i * H + j];
+      narrow_row(row.data(), grad_w_ih + j * I, I);
+    }
+    narrow_row(sum.data() + H * H + I * H, grad_b, H);
+    return;
+  }
   auto total = [&](int64_t i) {
     C sum = acc[i];
     for (int64_t p = 1; p < parts; ++p) sum += acc[p * stride + i];

@@ -1,12 +1,14 @@
 """The ``cpp`` backend's CPU paths, chosen by measurement (knob ``cpu_autotune``).
 
-Four choices are made this way, each per kind of call (see ``_KEY``):
+Five choices are made this way, each per kind of call (see ``_KEY``):
 
 - ``pass`` ``forward`` and ``backward``: the recurrence, by the register tiles or one BLAS GEMM per
   step (knob ``cpu_path``);
 - ``pass`` ``grads`` and ``grads+dx``: the backward's weight gradients (and the input's, for
   ``grads+dx``), summed in the kernels or formed by ATen GEMMs (knob ``cpu_grads``);
 - ``pass`` ``cell``: an RNNCell step, by the kernels' dot products or ATen GEMMs (knob ``cpu_cell``);
+- ``pass`` ``projection``: the forward's input projection of every step (input size above 1), by
+  the kernels' register tiles or one ATen GEMM (knob ``cpu_projection``);
 - ``pass`` ``bf16 forward`` and ``bf16 backward``: with AVX512-BF16, a bfloat16 recurrence on the tiles
   by ``vdpbf16ps`` pairs or by FMAs on float32 copies (knob ``cpu_bf16_products``).
 
@@ -16,8 +18,8 @@ up to a power of two, dtype, thread count, instruction set) runs both candidates
 the faster one's result and remembers the choice for the rest of the process, as
 ``torch.backends.cudnn.benchmark`` does for cuDNN. ``cpu_autotune`` 0 restores the fixed size
 thresholds (``cpu_tiles_max_hidden``, ``cpu_tiles_max_batch``, ``cpu_grads_kernels_max_work``,
-``cpu_parallel_min_work`` for the cell); a forced ``cpu_path``, ``cpu_grads``, ``cpu_cell`` or
-``cpu_bf16_products`` bypasses the cache.
+``cpu_parallel_min_work`` for the cell); a forced ``cpu_path``, ``cpu_grads``, ``cpu_cell``,
+``cpu_projection`` or ``cpu_bf16_products`` bypasses the cache.
 
     from myrnn_fast import autotune
     autotune.choices()          # [{"pass", "hidden", "input", "batch_max", "steps_max", "dtype", "threads",

@@ -81,7 +81,7 @@ KNOBS: dict[str, Knob] = {
              "... and beyond it for batches of 2 to this many rows (each 4-row tile streams W_hh "
              "from cache, so wide batches amortize it better in a GEMM)", minimum=0),
         Knob("cpu_autotune", int, 1, "cpp",
-             "1: under cpu_path, cpu_grads and cpu_cell auto, the first call of each kind "
+             "1: under cpu_path, cpu_grads, cpu_cell and cpu_projection auto, the first call of each kind "
              "(pass, hidden size, batch and length up to powers of two, dtype, threads, "
              "instruction set; the input size but for the recurrences) times both candidates and "
              "keeps the faster for the process (myrnn_fast.autotune); 0: the size thresholds "
@@ -104,6 +104,11 @@ KNOBS: dict[str, Knob] = {
              "cpp CPU RNNCell step: kernels (one pass of dot products, no GEMM call), gemm (ATen "
              "GEMMs), auto (measured per kind of call, or kernels up to cpu_parallel_min_work "
              "multiply-adds, 8 times that with AVX512-BF16 in bfloat16, with cpu_autotune 0)",
+             choices=("auto", "kernels", "gemm")),
+        Knob("cpu_projection", str, "auto", "cpp",
+             "cpp CPU forward's input projection x W_ih^T + b (input size above 1): kernels "
+             "(register tiles, no GEMM call), gemm (one ATen GEMM), auto (measured per kind of call, "
+             "or gemm with cpu_autotune 0, kernels for a 16-bit dtype whose ATen GEMM is slow)",
              choices=("auto", "kernels", "gemm")),
         Knob("cpu_parallel_min_work", int, 1 << 17, "cpp",
              "multiply-adds below which a cpp CPU call stays on the calling thread (waking the "

@@ -361,3 +361,35 @@ def test_cpp_16_bit_kernel_grads_match_the_gemm_grads_on_every_isa(dtype, thread
                 torch.testing.assert_close(a.float(), b.float(), rtol=2**-6, atol=2**-7 * scale, msg=f"{isa} grad {name}")
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=ids)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_16_bit_kernel_projection_matches_the_gemm_on_every_isa(dtype, threads):
+    # The kernels' input projection widens x in chunks of 64 rows (here two and a tail of 22, split
+    # over two threads), odd sizes for the vector tails. W_hh = 0 with relu makes the output the
+    # rounded projection itself (where positive): both routes round a float32 sum once, so they
+    # agree with each other and with float64 to about a 16-bit ulp.
+    _cpp()
+    from myrnn_fast import _C, config
+
+    T, B, I, H = 50, 3, 37, 21
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, B, I, generator=g).to(dtype)
+    w_ih, b_ih, b_hh = [(torch.randn(*s, generator=g) * 0.3).to(dtype) for s in ((H, I), (H,), (H,))]
+    w_hh, h0 = torch.zeros(H, H, dtype=dtype), torch.zeros(B, H, dtype=dtype)
+    exact = torch.relu(x.double() @ w_ih.double().T + b_ih.double() + b_hh.double())
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for isa in _C.cpu_isas():
+            got = {}
+            for route in ("kernels", "gemm"):
+                with config.override(cpu_isa=isa, cpu_projection=route, cpu_parallel_min_work=0):
+                    got[route], _ = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, None, "relu")
+                assert got[route].dtype == dtype, (isa, route)
+                torch.testing.assert_close(got[route].double(), exact, rtol=2**-7, atol=2**-8, msg=f"{isa} {route}")
+            torch.testing.assert_close(got["kernels"].float(), got["gemm"].float(), rtol=2**-7, atol=2**-8,
+                                       msg=f"{isa}: kernels against gemm")
+    finally:
+        torch.set_num_threads(previous)

@@ -24,8 +24,17 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def empty_cache():
     autotune.clear()
-    yield
+    # The forward's input projection is forced here, so that each test's cache holds the passes the
+    # test is about; the tests of that pass take the fixture measured_projection.
+    with config.override(cpu_projection="gemm"):
+        yield
     autotune.clear()
+
+
+@pytest.fixture
+def measured_projection():
+    with config.override(cpu_projection="auto"):
+        yield
 
 
 def _pair(I=6, H=24, dtype=torch.float32, seed=0):
@@ -36,13 +45,14 @@ def _pair(I=6, H=24, dtype=torch.float32, seed=0):
     return ref, ours
 
 
-def _step(module, x, grad_out, forward_path=None, backward_path=None, grads_path=None):
+def _step(module, x, grad_out, forward_path=None, backward_path=None, grads_path=None, projection_path=None):
     """Forward and backward (each with its path forced, if given): the output, h_n and the
     gradients of x and of every parameter."""
     x = x.detach().requires_grad_(True)
     for p in module.parameters():
         p.grad = None
-    with config.override(**({"cpu_path": forward_path} if forward_path else {})):
+    with config.override(**({"cpu_path": forward_path} if forward_path else {}),
+                         **({"cpu_projection": projection_path} if projection_path else {})):
         out, h_n = module(x)
     knobs = {**({"cpu_path": backward_path} if backward_path else {}),
              **({"cpu_grads": grads_path} if grads_path else {})}
@@ -63,21 +73,23 @@ def _kinds():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("B", [1, 3, 40])
-def test_the_measured_path_matches_torch_nn_and_is_one_of_the_forced_paths_exactly(dtype, B):
+def test_the_measured_path_matches_torch_nn_and_is_one_of_the_forced_paths_exactly(dtype, B, measured_projection):
     ref, ours = _pair(dtype=dtype)
     x, grad_out = _inputs(7, B, 6, 24, dtype)
     for path in ("tiles", "gemm"):
         for grads in ("kernels", "gemm"):
-            _step(ours, x, grad_out, path, path, grads)
+            _step(ours, x, grad_out, path, path, grads, grads)
     assert autotune.choices() == []  # a forced path neither measures nor consults the cache
     tuned = _step(ours, x, grad_out)  # first call of its kind: both candidates timed, each pass
     bucket, name = {1: 1, 3: 4, 40: 64}[B], str(dtype).removeprefix("torch.")
     kinds = _kinds()
-    keys = {p: (p, 24, 6 if p.startswith("grads") else 0, bucket, 8, name) for p in ("forward", "backward", "grads+dx")}
+    passes = ("forward", "backward", "grads+dx", "projection")
+    keys = {p: (p, 24, 6 if p in ("grads+dx", "projection") else 0, bucket, 8, name) for p in passes}
     assert set(kinds) == set(keys.values())
     assert kinds[keys["grads+dx"]] in ("kernels", "gemm") and kinds[keys["forward"]] in ("tiles", "gemm")
+    assert kinds[keys["projection"]] in ("kernels", "gemm")
     # The results are those of one complete run of each chosen path, to the bit.
-    forced = _step(ours, x, grad_out, *(kinds[keys[p]] for p in ("forward", "backward", "grads+dx")))
+    forced = _step(ours, x, grad_out, *(kinds[keys[p]] for p in passes))
     assert all(torch.equal(a, b) for a, b in zip(tuned, forced))
     again = _step(ours, x, grad_out)  # served from the cache: the same paths, the same bits
     assert all(torch.equal(a, b) for a, b in zip(again, tuned))
@@ -85,13 +97,13 @@ def test_the_measured_path_matches_torch_nn_and_is_one_of_the_forced_paths_exact
         torch.testing.assert_close(got, expected)
 
 
-def test_the_gradients_pass_depends_on_whether_x_needs_its_gradient():
+def test_the_gradients_pass_depends_on_whether_x_needs_its_gradient(measured_projection):
     _, ours = _pair()
     x, grad_out = _inputs(5, 3, 6, 24)
     out, _ = ours(x)  # x needs no gradient: pass "grads"
     out.backward(grad_out)
     _step(ours, x, grad_out)  # pass "grads+dx"
-    assert {k[0] for k in _kinds()} == {"forward", "backward", "grads", "grads+dx"}
+    assert {k[0] for k in _kinds()} == {"forward", "backward", "grads", "grads+dx", "projection"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -262,7 +274,7 @@ def test_bad_records_are_value_errors():
     args = {"pass": "forward", "hidden": 8, "input": 0, "batch_max": 4, "steps_max": 16, "dtype": "float32",
             "threads": 1, "isa": "avx2", "path": "tiles"}
     record = myrnn_fast._C.autotune_record
-    for change, message in (({"pass": "sideways"}, "pass must be forward, backward, grads, grads[+]dx, cell, bf16 forward or bf16 backward"),
+    for change, message in (({"pass": "sideways"}, "pass must be forward, backward, grads, grads[+]dx, cell, bf16 forward, bf16 backward or projection"),
                             ({"path": "blas"}, "path must be tiles or gemm"),
                             ({"pass": "grads", "input": 3}, "path must be kernels or gemm"),
                             ({"pass": "bf16 forward"}, "path must be pairs or float32"),
@@ -283,12 +295,13 @@ def test_the_file_knob_persists_choices_across_processes(tmp_path):
     done = subprocess.run([sys.executable, "-c", run], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     saved = json.loads(path.read_text())["choices"]
-    assert [(c["pass"], c["hidden"], c["batch_max"], c["steps_max"]) for c in saved] == [("forward", 10, 2, 4)]
+    assert [(c["pass"], c["hidden"], c["batch_max"], c["steps_max"]) for c in saved] == [
+        ("forward", 10, 2, 4), ("projection", 10, 2, 4)]
     done = subprocess.run([sys.executable, "-m", "myrnn_fast", "info", "--json"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     listed = json.loads(done.stdout)["autotune"]
-    assert [(c["hidden"], c["path"]) for c in listed] == [(10, saved[0]["path"])]
+    assert [(c["pass"], c["hidden"], c["path"]) for c in listed] == [(c["pass"], 10, c["path"]) for c in saved]
     done = subprocess.run([sys.executable, "-m", "myrnn_fast", "info"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert "forward  H=10 B<=2 T<=4 float32" in done.stdout and "(loaded)" in done.stdout

@@ -32,10 +32,11 @@ else:
 @pytest.fixture(params=list(itertools.product(ISAS, ["tiles", "gemm"])), ids=lambda p: "-".join(p))
 def isa_path(request):
     """Run the test with one instruction set forced, and one route for the recurrence, the
-    gradients and the cell (the kernels for "tiles", ATen's GEMMs for "gemm"), then restore."""
+    gradients, the cell and the input projection (the kernels for "tiles", ATen's GEMMs for
+    "gemm"), then restore."""
     isa, path = request.param
     route = "kernels" if path == "tiles" else "gemm"
-    with config.override(cpu_isa=isa, cpu_path=path, cpu_grads=route, cpu_cell=route):
+    with config.override(cpu_isa=isa, cpu_path=path, cpu_grads=route, cpu_cell=route, cpu_projection=route):
         yield request.param
 
 

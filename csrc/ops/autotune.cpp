@@ -20,13 +20,16 @@ std::map<Key, Entry>& cache() {
 }  // namespace
 
 namespace {
-constexpr const char* kPassNames[] = {"forward", "backward", "grads", "grads+dx", "cell", "bf16 forward", "bf16 backward"};
+constexpr const char* kPassNames[] = {"forward", "backward", "grads", "grads+dx", "cell", "bf16 forward", "bf16 backward",
+                                     "projection"};
 constexpr int kPasses = sizeof(kPassNames) / sizeof(kPassNames[0]);
 }  // namespace
 
 const char* name(Pass pass) { return kPassNames[static_cast<int>(pass)]; }
 
-bool is_recurrence(Pass pass) { return pass != Pass::kGrads && pass != Pass::kGradsDx && pass != Pass::kCell; }
+bool is_recurrence(Pass pass) {
+  return pass != Pass::kGrads && pass != Pass::kGradsDx && pass != Pass::kCell && pass != Pass::kProjection;
+}
 
 const char* name(Pass pass, Path path) {
   if (pass == Pass::kBf16Forward || pass == Pass::kBf16Backward) return path == Path::kGemm ? "float32" : "pairs";

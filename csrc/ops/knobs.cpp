@@ -89,6 +89,10 @@ Knob cpu_grads{"cpu_grads", {"auto", "kernels", "gemm"}, "auto"};
 Knob cpu_grads_kernels_max_work{"cpu_grads_kernels_max_work", int64_t{1} << 20};
 // A cell step is a few microseconds: one pass of dot products against three GEMM calls.
 Knob cpu_cell{"cpu_cell", {"auto", "kernels", "gemm"}, "auto"};
+// One GEMM call costs microseconds before it multiplies, more in bfloat16 (oneDNN) than in float32,
+// and a 16-bit GEMM without fast instructions runs on float32 copies; the tiles cost neither, but
+// BLAS blocking wins on large inputs (or AMX in bfloat16).
+Knob cpu_projection{"cpu_projection", {"auto", "kernels", "gemm"}, "auto"};
 // Waking ATen's pool costs microseconds: below this many multiply-adds, about that long on one
 // core, a call runs on the calling thread.
 Knob cpu_parallel_min_work{"cpu_parallel_min_work", int64_t{1} << 17};
@@ -115,6 +119,7 @@ const std::vector<Knob*>& registry() {
                                       &cpu_grads,
                                       &cpu_grads_kernels_max_work,
                                       &cpu_cell,
+                                      &cpu_projection,
                                       &cpu_parallel_min_work,
                                       &cpu_cell_gil_release_min_work,
                                       &cpu_bf16_products,

@@ -75,6 +75,10 @@ extern Knob cpu_grads_kernels_max_work;
 // How a CPU RNNCell step runs: measured or by size (auto), the kernels' dot products, or ATen GEMMs.
 enum class CpuCell : int64_t { kAuto, kKernels, kGemm };  // cpu_cell's choices, in order
 extern Knob cpu_cell;
+// How the CPU forward forms its input projection x W_ih^T + b (input size above 1): measured or
+// by dtype (auto), the kernels' register tiles, or one ATen GEMM.
+enum class CpuProjection : int64_t { kAuto, kKernels, kGemm };  // cpu_projection's choices, in order
+extern Knob cpu_projection;
 // Multiply-adds below which a CPU call runs on the calling thread rather than ATen's pool.
 extern Knob cpu_parallel_min_work;
 // Multiply-adds from which _C.rnn_cell_cpu releases the GIL while it computes.

@@ -284,7 +284,7 @@ PYBIND11_MODULE(_C, m) {
          const std::string& dtype, int64_t threads, const std::string& isa, const std::string& path_name) {
         namespace autotune = myrnn_fast::cpu::autotune;
         const auto pass = autotune::pass_named(pass_name);
-        TORCH_CHECK_VALUE(pass, "pass must be forward, backward, grads, grads+dx, cell, bf16 forward or bf16 backward, got ",
+        TORCH_CHECK_VALUE(pass, "pass must be forward, backward, grads, grads+dx, cell, bf16 forward, bf16 backward or projection, got ",
                           pass_name);
         const auto path = autotune::path_named(*pass, path_name);
         TORCH_CHECK_VALUE(path, "path must be ", autotune::name(*pass, autotune::Path::kKernels), " or ",

@@ -1,8 +1,9 @@
 // CPU implementations of the myrnn_fast ops: rnn_forward, rnn_backward, rnn_cell.
 //
 // One call runs a whole sequence. The input projection x W_ih^T + b of every step is one GEMM
-// (ATen, so MKL/OpenBLAS), and so are the weight gradients after the reverse recurrence
-// (ops/rnn_layer.h). The recurrence itself takes one of two paths (knob cpu_path; choose_path):
+// (ATen, so MKL/OpenBLAS/oneDNN) or one pass of the kernels' tiles (choose_projection), and so
+// are the weight gradients after the reverse recurrence (ops/rnn_layer.h, or Kernels::grads).
+// The recurrence itself takes one of two paths (knob cpu_path; choose_path):
 //  - "tiles": the register-tiled kernels of kernels/cpu/rnn_cpu_kernels.cpp, no allocation or
 //    dispatch per step. Batch rows never interact, so each thread of ATen's pool runs the whole
 //    sequence for its own share of rows: no synchronization per step at all;
@@ -84,23 +85,26 @@ template <> const Kernels<double>& kernels<double>() { return table().f64; }
 template <> const Kernels<bf16>& kernels<bf16>() { return table().b16; }
 template <> const Kernels<f16>& kernels<f16>() { return table().h16; }
 
+// A matrix (any strides, a transposed view above all) as a contiguous float32 copy, in one pass
+// over its strides (ATen's converting copy of a transposed view costs 5x this).
+at::Tensor float_copy(const at::Tensor& m) {
+  at::Tensor f = at::empty(m.sizes(), m.options().dtype(at::kFloat));
+  const int64_t rows = m.size(0), cols = m.size(1), s0 = m.stride(0), s1 = m.stride(1);
+  float* dst = f.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "float_copy", [&] {
+    const scalar_t* src = m.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<float>(src[r * s0 + c * s1]);
+  });
+  return f;
+}
+
 // The H x H matrix m (forward: W_hh^T, backward: W_hh) as kernels `k` read it (Kernels::matrix):
 // a contiguous copy in the storage type or in float32, or with rows k and k + 1 interleaved.
 template <typename S>
 at::Tensor recurrent_matrix(const Kernels<S>& k, const at::Tensor& m) {
   if (k.matrix == Matrix::kStorage) return m.contiguous();
-  if (k.matrix == Matrix::kFloat) {
-    // One pass over m's strides (ATen's converting copy of a transposed view costs 5x this).
-    at::Tensor f = at::empty(m.sizes(), m.options().dtype(at::kFloat));
-    const int64_t rows = m.size(0), cols = m.size(1), s0 = m.stride(0), s1 = m.stride(1);
-    float* dst = f.data_ptr<float>();
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(m.scalar_type(), "recurrent_matrix", [&] {  // kFloat: 16-bit only
-      const scalar_t* src = m.const_data_ptr<scalar_t>();
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<float>(src[r * s0 + c * s1]);
-    });
-    return f;
-  }
+  if (k.matrix == Matrix::kFloat) return float_copy(m);
   const int64_t H = m.size(0);
   const at::Tensor even = H % 2 ? at::constant_pad_nd(m, {0, 0, 0, 1}) : m;
   return even.reshape({(H + 1) / 2, 2, H}).transpose(1, 2).contiguous();
@@ -160,13 +164,15 @@ autotune::Key tuning_key(autotune::Pass pass, const Layout& l, at::ScalarType dt
           autotune::bucket(l.seq_len), dtype_name(dtype), at::get_num_threads(), table().isa};
 }
 
-// The route a knob forces, if any: cpu_path, cpu_grads and cpu_cell each list auto (nothing
-// forced), then the kernels' route, then gemm.
+// The route a knob forces, if any: cpu_path, cpu_grads, cpu_cell and cpu_projection each list
+// auto (nothing forced), then the kernels' route, then gemm.
 static_assert(static_cast<int>(knobs::CpuPath::kTiles) == 1 && static_cast<int>(knobs::CpuPath::kGemm) == 2 &&
               static_cast<int>(knobs::CpuBf16Products::kPairs) == 1 &&
               static_cast<int>(knobs::CpuBf16Products::kFloat32) == 2 &&
               static_cast<int>(knobs::CpuGrads::kKernels) == 1 && static_cast<int>(knobs::CpuGrads::kGemm) == 2 &&
-              static_cast<int>(knobs::CpuCell::kKernels) == 1 && static_cast<int>(knobs::CpuCell::kGemm) == 2);
+              static_cast<int>(knobs::CpuCell::kKernels) == 1 && static_cast<int>(knobs::CpuCell::kGemm) == 2 &&
+              static_cast<int>(knobs::CpuProjection::kKernels) == 1 &&
+              static_cast<int>(knobs::CpuProjection::kGemm) == 2);
 std::optional<autotune::Path> forced(const knobs::Knob& knob) {
   switch (knob.get()) {
     case 1: return autotune::Path::kKernels;
@@ -290,6 +296,18 @@ PathChoice choose_cell(const Layout& l, at::ScalarType dtype, bool pairs) {
   return {l.batch * l.hidden * (l.input + l.hidden) <= dot_max_work ? Path::kKernels : Path::kGemm, {}};
 }
 
+// How rnn_forward forms its input projection (input size above 1): by the kernels' register tiles
+// (kKernels: no GEMM call, no dispatch) or one ATen GEMM (kGemm: BLAS blocking, and AMX or
+// AVX512-BF16 in oneDNN's bfloat16). Under cpu_projection auto, measured per kind with
+// cpu_autotune 1; with it off, the GEMM, except where the dtype's GEMM is slow (slow_gemm), whose
+// float32 copies the kernels do without.
+PathChoice choose_projection(const Layout& l, at::ScalarType dtype) {
+  using autotune::Path;
+  if (const auto path = forced(knobs::cpu_projection)) return {*path, {}};
+  if (!knobs::cpu_autotune.get() || l.rows == 0) return {slow_gemm(dtype) ? Path::kKernels : Path::kGemm, {}};
+  return measured(autotune::Pass::kProjection, l, dtype);
+}
+
 // rnn_backward's gradients (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b) from dz by the kernels:
 // each thread of ATen's pool sums its share of rows into an accumulator of its own, in float32
 // (float64 for float64), and one pass adds those and rounds each gradient once.
@@ -342,6 +360,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_gr
   return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b};
 }
 
+// The input projection of every step by the kernels (Kernels::project): W_ih^T and the bias sum
+// in the kernels' compute type once per call (float32 for 16-bit storage: an I x H copy, as
+// recurrent_matrix makes of W_hh), then the rows split over ATen's pool when the work is worth it.
+template <typename scalar_t>
+at::Tensor kernel_projection(const Kernels<storage_t<scalar_t>>& k, const at::Tensor& rows, const at::Tensor& w_ih,
+                             const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  using S = storage_t<scalar_t>;
+  using C = typename Accumulator<S>::type;
+  const int64_t N = rows.size(0), I = rows.size(1), H = w_ih.size(0);
+  const at::Tensor w_t = std::is_same_v<C, float> ? float_copy(w_ih.t()) : w_ih.t().contiguous();
+  at::Tensor bias;
+  if (b_ih) bias = std::is_same_v<C, float> ? b_ih->to(at::kFloat) + b_hh->to(at::kFloat) : *b_ih + *b_hh;
+  at::Tensor out = at::detail::empty_cpu({N, H}, rows.scalar_type(), /*pin_memory=*/false);
+  const auto xc = rows.expect_contiguous();
+  const int64_t grain = std::max<int64_t>(1, knobs::cpu_parallel_min_work.get() / std::max<int64_t>(1, I * H));
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    k.project(ptr<scalar_t>(out) + r0 * H, cptr<scalar_t>(*xc) + r0 * I, w_t.const_data_ptr<C>(),
+              bias.defined() ? bias.const_data_ptr<C>() : nullptr, r1 - r0, I, H);
+  });
+  return out;
+}
 
 // The forward's path "gemm" with W_hh packed per thread (ops/rnn_cpu_gemm.h), where it applies:
 // float32, dense input (one batch size for every step: the packing is made for it), and hidden
@@ -397,10 +436,23 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
       const auto bhc = bias ? b_hh->expect_contiguous() : c10::MaybeOwned<at::Tensor>();
       k.project_univariate(ptr<scalar_t>(out), cptr<scalar_t>(*xc), cptr<scalar_t>(*wc),
                            bias ? cptr<scalar_t>(*bic) : nullptr, bias ? cptr<scalar_t>(*bhc) : nullptr, l.rows, H);
-    } else if (slow_gemm(x.scalar_type())) {
-      out = in_float32(input_projection, x.scalar_type(), rows, w_ih, summed_bias(b_ih, b_hh));
     } else {
-      out = input_projection(rows, w_ih, summed_bias(b_ih, b_hh));
+      const auto project = [&](autotune::Path path) {
+        if (path == autotune::Path::kKernels) return kernel_projection<scalar_t>(k, rows, w_ih, b_ih, b_hh);
+        if (slow_gemm(x.scalar_type()))
+          return in_float32(input_projection, x.scalar_type(), rows, w_ih, summed_bias(b_ih, b_hh));
+        return input_projection(rows, w_ih, summed_bias(b_ih, b_hh));
+      };
+      const PathChoice choice = choose_projection(l, x.scalar_type());
+      if (choice.path) {
+        out = project(*choice.path);
+      } else {
+        at::Tensor outs[2];
+        const autotune::Path winner = autotune::measure(
+            choice.key, [&](autotune::Path path) { return seconds_of([&] { outs[static_cast<int>(path)] = project(path); }); },
+            /*pairs=*/2, /*warm_up=*/true);
+        out = outs[static_cast<int>(winner)];
+      }
     }
     // The tiles' recurrence by kernels `kt` over the projections in `o`, in place.
     const auto tiles = [&](const Kernels<S>& kt, const Sequence& s, const at::Tensor& o, const at::Tensor& hn) {
@@ -515,10 +567,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const PathChoice choice = choose_grads(l, x.scalar_type(), need_grad_x);
   if (choice.path) return grads(*choice.path);
   decltype(grads(autotune::Path::kGemm)) results[2];
-  const autotune::Path winner = autotune::measure(choice.key, [&](autotune::Path path) {
-    const int i = static_cast<int>(path);
-    return seconds_of([&] { results[i] = grads(path); });
-  });
+  const autotune::Path winner = autotune::measure(
+      choice.key,
+      [&](autotune::Path path) {
+        const int i = static_cast<int>(path);
+        return seconds_of([&] { results[i] = grads(path); });
+      },
+      /*pairs=*/2, /*warm_up=*/true);
   return std::move(results[static_cast<int>(winner)]);
 }
 

@@ -287,8 +287,8 @@ enum class Epilogue { kActivate, kMulDact };
 // keep a float copy of the state and of m (kFloatScratch).
 //
 // The input projection x W_ih^T + b is not folded in here, although that would save a pass at
-// tiny input sizes: it is the same BLAS GEMM torch.nn runs, so overflowing products turn into
-// the same Inf and NaN as in torch.nn (an FMA chain would not round a product to Inf first).
+// tiny input sizes: it runs before the recurrence over all steps at once, as one BLAS GEMM or
+// as `project` (ops/rnn_cpu.cpp measures which), both far faster per product than a step.
 template <typename T, typename A = T, typename M = T>
 struct Operands {
   const T* init = nullptr;  // per-row start values, or null
@@ -621,10 +621,14 @@ void outer_sum(C* acc, const Rows& rows, int64_t H, int64_t K) {
 // out[r][c] = sum_j a[r][j] m[j][c] for `count` rows of a (row stride H) and m [H][width]: each
 // tile of R rows and NV vectors of c keeps its sums in registers over j.
 template <typename T, int R, int NV>
-inline void product_tile(const T* a, int64_t H, const T* m, int64_t width, T* out, int64_t c) {
+inline void product_tile(const T* a, int64_t H, const T* m, int64_t width, const T* bias, T* out, int64_t c) {
   using V = vec<T>;
   constexpr int W = kLanes<T>;
-  V sum[R][NV] = {};
+  V sum[R][NV];
+  for (int v = 0; v < NV; ++v) {
+    const V start = bias ? load(bias + c + v * W) : V{};
+    for (int r = 0; r < R; ++r) sum[r][v] = start;
+  }
   for (int64_t j = 0; j < H; ++j) {
     V col[NV];
     for (int v = 0; v < NV; ++v) col[v] = load(m + j * width + c + v * W);
@@ -649,26 +653,27 @@ std::vector<T> tail_columns(const T* m, int64_t H, int64_t width, int64_t c0) {
 }
 
 template <typename T, int R>
-inline void product_rows(const T* a, int64_t H, const T* m, int64_t width, const T* tail, T* out) {
+inline void product_rows(const T* a, int64_t H, const T* m, int64_t width, const T* bias, const T* tail, T* out) {
   constexpr int W = kLanes<T>;
   int64_t c = 0;
-  for (; c + 2 * W <= width; c += 2 * W) product_tile<T, R, 2>(a, H, m, width, out, c);
-  for (; c + W <= width; c += W) product_tile<T, R, 1>(a, H, m, width, out, c);
+  for (; c + 2 * W <= width; c += 2 * W) product_tile<T, R, 2>(a, H, m, width, bias, out, c);
+  for (; c + W <= width; c += W) product_tile<T, R, 1>(a, H, m, width, bias, out, c);
   for (const int64_t c0 = c; c < width; ++c)
-    for (int r = 0; r < R; ++r) out[r * width + c] = narrow<T>(dot(a + r * H, tail + (c - c0) * H, H));
+    for (int r = 0; r < R; ++r)
+      out[r * width + c] = narrow<T>((bias ? widen(bias[c]) : 0) + dot(a + r * H, tail + (c - c0) * H, H));
 }
 
-// out = a m for `count` rows of a (row stride H), m [H][width].
+// out = bias + a m for `count` rows of a (row stride H), m [H][width], bias [width] or null.
 template <typename T>
-void product(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T* out) {
+void product(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T* out, const T* bias = nullptr) {
   constexpr int W = kLanes<T>;
   const std::vector<T> tail = tail_columns(m, H, width, width / W * W);
   int64_t r = 0;
   for (; r + kMaxRows <= count; r += kMaxRows)
-    product_rows<T, kMaxRows>(a + r * H, H, m, width, tail.data(), out + r * width);
+    product_rows<T, kMaxRows>(a + r * H, H, m, width, bias, tail.data(), out + r * width);
   if constexpr (kMaxRows > 4)
-    if (r + 4 <= count) product_rows<T, 4>(a + r * H, H, m, width, tail.data(), out + r * width), r += 4;
-  for (; r < count; ++r) product_rows<T, 1>(a + r * H, H, m, width, tail.data(), out + r * width);
+    if (r + 4 <= count) product_rows<T, 4>(a + r * H, H, m, width, bias, tail.data(), out + r * width), r += 4;
+  for (; r < count; ++r) product_rows<T, 1>(a + r * H, H, m, width, bias, tail.data(), out + r * width);
 }
 
 // The 16-bit grads (below) widen their rows in chunks of this many: each chunk's float32 copies
@@ -754,6 +759,28 @@ void grads_widened(const Sequence& s, int64_t I, const T* dz, const T* x, const 
   });
   if (count > 0) flush();
   if (grad_h0) product(dz + r0 * H, r1 - r0, H, w_hh, H, grad_h0 + r0 * H);  // step 0's rows are rows [0, B)
+}
+
+// out = x w_t + bias for `rows` rows of x [rows, I], w_t [I][H] and bias [H] (or null) in the
+// compute type. 16-bit storage widens x a chunk of kWidenedRows rows at a time, as grads_widened
+// does, so that float32's tiles run on it; the chunk's sums are rounded once, by vector stores.
+template <typename T>
+void project(T* out, const T* x, const typename Accumulator<T>::type* w_t, const typename Accumulator<T>::type* bias,
+             int64_t rows, int64_t I, int64_t H) {
+  if constexpr (std::is_same_v<T, compute_t<T>>) {
+    product(x, rows, I, w_t, H, out, bias);
+  } else {
+    constexpr int64_t K = kWidenedRows;
+    std::vector<float> scratch(K * (I + H));
+    float* xf = scratch.data();
+    float* of = xf + K * I;
+    for (int64_t r = 0; r < rows; r += K) {
+      const int64_t count = std::min(K, rows - r);
+      widen_row(x + r * I, xf, count * I);
+      product(xf, count, I, w_t, H, of, bias);
+      narrow_row(of, out + r * H, count * H);
+    }
+  }
 }
 
 template <typename T>
@@ -1045,7 +1072,7 @@ constexpr Kernels<T> kernels_for() {
   constexpr Matrix matrix = std::is_same_v<T, bf16> && kPairs ? Matrix::kBf16Pairs
                             : kFloatScratch<T>                 ? Matrix::kFloat
                                                                : Matrix::kStorage;
-  return {&forward<T>,  &backward<T>, &project_univariate<T>, &activate<T>, &mul_dact<T>,
+  return {&forward<T>,  &backward<T>, &project_univariate<T>, &project<T>, &activate<T>, &mul_dact<T>,
           &cell<T>,     &grads<T>,    &grads_finish<T>,       matrix};
 }
 

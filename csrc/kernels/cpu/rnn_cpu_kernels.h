@@ -70,6 +70,14 @@ struct Kernels {
   //   b_ih, b_hh  [hidden] each, or both null for none
   void (*project_univariate)(T* out, const T* x, const T* w, const T* b_ih, const T* b_hh, int64_t rows,
                              int64_t hidden);
+  // The input projection of any input size without a GEMM call: out = x W_ih^T + bias, in the
+  // register tiles of the gradients' grad x (path "kernels" of knob cpu_projection).
+  //   out    [rows, hidden] out
+  //   x      [rows, input]
+  //   w_t    [input, hidden]: W_ih transposed, in Accumulator<T>'s type (float32 for 16-bit storage)
+  //   bias   [hidden] b_ih + b_hh in that type, or null for none
+  void (*project)(T* out, const T* x, const typename Accumulator<T>::type* w_t,
+                  const typename Accumulator<T>::type* bias, int64_t rows, int64_t input, int64_t hidden);
   // The elementwise pieces of path "gemm", in place over n values:
   //   activate:  y = act(y)
   //   mul_dact:  g *= act'(z), where y [n] holds act(z); y must not alias g

@@ -321,8 +321,16 @@ def test_cpp_under_autocast_compiles_and_exports_like_eager(route):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n} threads")
+def threads(request):
+    """ATen's pool at 1 or 2 threads for the test, then as it was."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", REDUCED, ids=ids)
-@pytest.mark.parametrize("threads", [1, 2])
 def test_cpp_16_bit_kernel_grads_match_the_gemm_grads_on_every_isa(dtype, threads):
     # The 16-bit kernel gradients widen the rows in chunks (64 rows) and runs of consecutive rows;
     # here 231 packed rows, with sequences ending mid-chunk, odd sizes (vector tails) and, on two
@@ -343,28 +351,22 @@ def test_cpp_16_bit_kernel_grads_match_the_gemm_grads_on_every_isa(dtype, thread
     x, h0 = rand(N, I), rand(len(lengths), H)
     w_ih, w_hh, b_ih, b_hh = rand(H, I, scale=0.3), rand(H, H, scale=0.2), rand(H), rand(H)
     grad_out, grad_h_n = rand(N, H), rand(len(lengths), H)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        for isa in _C.cpu_isas():
-            with config.override(cpu_isa=isa, cpu_path="tiles", cpu_parallel_min_work=0):
-                out, _ = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, "tanh")
-                results = {}
-                for route in ("kernels", "gemm"):
-                    with config.override(cpu_grads=route):
-                        results[route] = _C.rnn_backward_cpu(
-                            grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes, "tanh", True
-                        )
-            for name, a, b in zip(("x", "h0", "w_ih", "w_hh", "b"), results["kernels"], results["gemm"]):
-                assert a.dtype == dtype and a.shape == b.shape, (isa, name)
-                scale = b.float().abs().max().item()
-                torch.testing.assert_close(a.float(), b.float(), rtol=2**-6, atol=2**-7 * scale, msg=f"{isa} grad {name}")
-    finally:
-        torch.set_num_threads(previous)
+    for isa in _C.cpu_isas():
+        with config.override(cpu_isa=isa, cpu_path="tiles", cpu_parallel_min_work=0):
+            out, _ = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, "tanh")
+            results = {}
+            for route in ("kernels", "gemm"):
+                with config.override(cpu_grads=route):
+                    results[route] = _C.rnn_backward_cpu(
+                        grad_out, grad_h_n, x, h0, w_ih, w_hh, out, batch_sizes, "tanh", True
+                    )
+        for name, a, b in zip(("x", "h0", "w_ih", "w_hh", "b"), results["kernels"], results["gemm"]):
+            assert a.dtype == dtype and a.shape == b.shape, (isa, name)
+            scale = b.float().abs().max().item()
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-6, atol=2**-7 * scale, msg=f"{isa} grad {name}")
 
 
 @pytest.mark.parametrize("dtype", REDUCED, ids=ids)
-@pytest.mark.parametrize("threads", [1, 2])
 def test_cpp_16_bit_kernel_projection_matches_the_gemm_on_every_isa(dtype, threads):
     # The kernels' input projection widens x in chunks of 64 rows (here two and a tail of 22, split
     # over two threads), odd sizes for the vector tails. W_hh = 0 with relu makes the output the
@@ -379,17 +381,12 @@ def test_cpp_16_bit_kernel_projection_matches_the_gemm_on_every_isa(dtype, threa
     w_ih, b_ih, b_hh = [(torch.randn(*s, generator=g) * 0.3).to(dtype) for s in ((H, I), (H,), (H,))]
     w_hh, h0 = torch.zeros(H, H, dtype=dtype), torch.zeros(B, H, dtype=dtype)
     exact = torch.relu(x.double() @ w_ih.double().T + b_ih.double() + b_hh.double())
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        for isa in _C.cpu_isas():
-            got = {}
-            for route in ("kernels", "gemm"):
-                with config.override(cpu_isa=isa, cpu_projection=route, cpu_parallel_min_work=0):
-                    got[route], _ = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, None, "relu")
-                assert got[route].dtype == dtype, (isa, route)
-                torch.testing.assert_close(got[route].double(), exact, rtol=2**-7, atol=2**-8, msg=f"{isa} {route}")
-            torch.testing.assert_close(got["kernels"].float(), got["gemm"].float(), rtol=2**-7, atol=2**-8,
-                                       msg=f"{isa}: kernels against gemm")
-    finally:
-        torch.set_num_threads(previous)
+    for isa in _C.cpu_isas():
+        got = {}
+        for route in ("kernels", "gemm"):
+            with config.override(cpu_isa=isa, cpu_projection=route, cpu_parallel_min_work=0):
+                got[route], _ = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, None, "relu")
+            assert got[route].dtype == dtype, (isa, route)
+            torch.testing.assert_close(got[route].double(), exact, rtol=2**-7, atol=2**-8, msg=f"{isa} {route}")
+        torch.testing.assert_close(got["kernels"].float(), got["gemm"].float(), rtol=2**-7, atol=2**-8,
+                                   msg=f"{isa}: kernels against gemm")

@@ -370,8 +370,9 @@ at::Tensor kernel_projection(const Kernels<storage_t<scalar_t>>& k, const at::Te
   using C = typename Accumulator<S>::type;
   const int64_t N = rows.size(0), I = rows.size(1), H = w_ih.size(0);
   const at::Tensor w_t = std::is_same_v<C, float> ? float_copy(w_ih.t()) : w_ih.t().contiguous();
+  constexpr at::ScalarType compute = c10::CppTypeToScalarType<C>::value;
   at::Tensor bias;
-  if (b_ih) bias = std::is_same_v<C, float> ? b_ih->to(at::kFloat) + b_hh->to(at::kFloat) : *b_ih + *b_hh;
+  if (b_ih) bias = b_ih->to(compute) + b_hh->to(compute);  // summed unrounded, as project_univariate does
   at::Tensor out = at::detail::empty_cpu({N, H}, rows.scalar_type(), /*pin_memory=*/false);
   const auto xc = rows.expect_contiguous();
   const int64_t grain = std::max<int64_t>(1, knobs::cpu_parallel_min_work.get() / std::max<int64_t>(1, I * H));

@@ -689,7 +689,7 @@ void widen_row(const T* src, float* dst, int64_t n) {
 }
 
 template <typename T>
-void narrow_row(const float* src, T* dst, int64_t n) {
+void narrow_row(const compute_t<T>* src, T* dst, int64_t n) {
   constexpr int W = kLanes<T>;
   int64_t i = 0;
   for (; i + W <= n; i += W) store(dst + i, load(src + i));
@@ -835,43 +835,30 @@ void grads(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h
 template <typename T>
 void grads_finish(const void* acc_v, int64_t parts, int64_t stride, int64_t H, int64_t I, T* grad_w_hh,
                   T* grad_w_ih, T* grad_b) {
+  // The parts' sums first, vector by vector (in the order part 0, 1, ...), then each gradient row
+  // gathered from the transposed sums and rounded by vector stores: for 16-bit storage a scalar
+  // rounding per value costs as much as the whole gather.
   using C = typename Accumulator<T>::type;
+  constexpr int W = kLanes<T>;
   const C* acc = static_cast<const C*>(acc_v);
-  if constexpr (!std::is_same_v<T, C>) {
-    // 16-bit gradients: the parts' sums first, vector by vector, then each gradient row gathered
-    // from the transposed sums into a float row and rounded by vector stores (a scalar rounding
-    // per value costs as much as the whole gather).
-    constexpr int W = kLanes<T>;
-    const int64_t n = grads_size(H, I);
-    std::vector<float> sum(acc, acc + n);
-    for (int64_t p = 1; p < parts; ++p) {
-      const float* part = acc + p * stride;
-      int64_t i = 0;
-      for (; i + W <= n; i += W) store(sum.data() + i, load(sum.data() + i) + load(part + i));
-      for (; i < n; ++i) sum[i] += part[i];
-    }
-    std::vector<float> row(std::max(H, I));
-    for (int64_t j = 0; j < H; ++j) {
-      for (int64_t k = 0; k < H; ++k) row[k] = sum[k * H + j];
-      narrow_row(row.data(), grad_w_hh + j * H, H);
-    }
-    for (int64_t j = 0; j < H; ++j) {
-      for (int64_t i = 0; i < I; ++i) row[i] = sum[H * H + i * H + j];
-      narrow_row(row.data(), grad_w_ih + j * I, I);
-    }
-    narrow_row(sum.data() + H * H + I * H, grad_b, H);
-    return;
+  const int64_t n = grads_size(H, I);
+  std::vector<C> sum(acc, acc + n);
+  for (int64_t p = 1; p < parts; ++p) {
+    const C* part = acc + p * stride;
+    int64_t i = 0;
+    for (; i + W <= n; i += W) store(sum.data() + i, load(sum.data() + i) + load(part + i));
+    for (; i < n; ++i) sum[i] += part[i];
   }
-  auto total = [&](int64_t i) {
-    C sum = acc[i];
-    for (int64_t p = 1; p < parts; ++p) sum += acc[p * stride + i];
-    return sum;
-  };
-  for (int64_t j = 0; j < H; ++j)
-    for (int64_t k = 0; k < H; ++k) grad_w_hh[j * H + k] = narrow<T>(total(k * H + j));
-  for (int64_t j = 0; j < H; ++j)
-    for (int64_t i = 0; i < I; ++i) grad_w_ih[j * I + i] = narrow<T>(total(H * H + i * H + j));
-  for (int64_t j = 0; j < H; ++j) grad_b[j] = narrow<T>(total(H * H + I * H + j));
+  std::vector<C> row(std::max(H, I));
+  for (int64_t j = 0; j < H; ++j) {
+    for (int64_t k = 0; k < H; ++k) row[k] = sum[k * H + j];
+    narrow_row(row.data(), grad_w_hh + j * H, H);
+  }
+  for (int64_t j = 0; j < H; ++j) {
+    for (int64_t i = 0; i < I; ++i) row[i] = sum[H * H + i * H + j];
+    narrow_row(row.data(), grad_w_ih + j * I, I);
+  }
+  narrow_row(sum.data() + H * H + I * H, grad_b, H);
 }
 
 // out[n] = x[n] w + (b_ih + b_hh). The weights and the bias sum are widened once per call, not

@@ -454,6 +454,47 @@ def test_every_isa_and_grads_path_16_bit(isa_grads, dtype, H):
         assert (a.double() - b.double()).abs().max().item() <= bound, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_tiles_form_univariate_projections_as_the_projection_pass(dtype, packed, bias):
+    # With input size 1 the tiles' forward forms x w + b in its registers; path gemm takes them
+    # from project_univariate's pass. W_hh = 0 with relu makes every output the rounded
+    # projection itself (where positive), whatever the recurrence: the two paths must agree
+    # exactly, on every ISA, on one thread and on two (rows split), H with a vector tail, and
+    # with float64 to the dtype's rounding.
+    T, B, H = 7, 11, 21
+    g = torch.Generator().manual_seed(5)
+    w_ih = (torch.randn(H, 1, generator=g) * 0.5).to(dtype)
+    b_ih, b_hh = [(torch.randn(H, generator=g) * 0.5).to(dtype) if bias else None for _ in range(2)]
+    w_hh, h0 = torch.zeros(H, H, dtype=dtype), (torch.randn(B, H, generator=g) * 0.5).to(dtype)
+    lengths = [7, 7, 6, 5, 5, 4, 3, 3, 2, 1, 1]
+    if packed:
+        x = pack_sequence([torch.randn(n, 1, generator=g).to(dtype) for n in lengths]).data
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+    else:
+        x, batch_sizes = torch.randn(T, B, 1, generator=g).to(dtype), None
+    exact = x.double().reshape(-1, 1) @ w_ih.double().T
+    if bias:
+        exact = exact + b_ih.double() + b_hh.double()
+    exact = torch.relu(exact)
+    threads = torch.get_num_threads()
+    try:
+        for isa, n_threads in itertools.product(ISAS, (1, 2)):
+            torch.set_num_threads(n_threads)
+            out = {}
+            for path in ("tiles", "gemm"):
+                with config.override(cpu_isa=isa, cpu_path=path, cpu_parallel_min_work=0):
+                    out[path], _ = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, "relu")
+                assert out[path].dtype == dtype
+            assert torch.equal(out["tiles"], out["gemm"]), (isa, n_threads)
+            eps = torch.finfo(dtype).eps  # the bias sum and the product each round once (float32, float64)
+            torch.testing.assert_close(out["tiles"].double().reshape(-1, H), exact, rtol=4 * eps,
+                                       atol=4 * eps * exact.abs().max().item(), msg=f"{isa} {n_threads}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_every_isa_and_grads_path_packed(isa_grads, dtype):
     ref, ours = rnn_pair("cpp", 3, 20, 2, dtype=dtype)

@@ -427,16 +427,35 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
   MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_forward", [&] {
     using S = storage_t<scalar_t>;
     const auto& k = kernels<S>();
+    const PathChoice choice = choose_path(l, x.scalar_type(), /*backward=*/false);
+    // Univariate input (I = 1): where the tiles run, they form its projections in their registers
+    // (Univariate); the other path, and a first call that times both, take them from one pass of
+    // project_univariate (the same values).
+    using C = typename Accumulator<S>::type;
+    const bool fold = l.input == 1 && choice.path == autotune::Path::kKernels;
+    const auto xc = rows.expect_contiguous();
+    std::vector<C> u_w, u_bias;
+    Univariate<S> univariate;
     // The input projection of every step at once; the recurrence then updates it in place.
     if (l.input == 1) {
       out = at::empty({l.rows, H}, x.options());
-      const auto xc = rows.expect_contiguous();
       const auto wc = w_ih.expect_contiguous();
       const bool bias = b_ih.has_value();
       const auto bic = bias ? b_ih->expect_contiguous() : c10::MaybeOwned<at::Tensor>();
       const auto bhc = bias ? b_hh->expect_contiguous() : c10::MaybeOwned<at::Tensor>();
-      k.project_univariate(ptr<scalar_t>(out), cptr<scalar_t>(*xc), cptr<scalar_t>(*wc),
-                           bias ? cptr<scalar_t>(*bic) : nullptr, bias ? cptr<scalar_t>(*bhc) : nullptr, l.rows, H);
+      if (fold) {
+        const scalar_t* w = wc->const_data_ptr<scalar_t>();
+        u_w.assign(w, w + H);
+        if (bias) {
+          const scalar_t *bi = bic->const_data_ptr<scalar_t>(), *bh = bhc->const_data_ptr<scalar_t>();
+          u_bias.resize(H);
+          for (int64_t j = 0; j < H; ++j) u_bias[j] = static_cast<C>(bi[j]) + static_cast<C>(bh[j]);
+        }
+        univariate = {cptr<scalar_t>(*xc), u_w.data(), bias ? u_bias.data() : nullptr};
+      } else {
+        k.project_univariate(ptr<scalar_t>(out), cptr<scalar_t>(*xc), cptr<scalar_t>(*wc),
+                             bias ? cptr<scalar_t>(*bic) : nullptr, bias ? cptr<scalar_t>(*bhc) : nullptr, l.rows, H);
+      }
     } else {
       const auto project = [&](autotune::Path path) {
         if (path == autotune::Path::kKernels) return kernel_projection<scalar_t>(k, rows, w_ih, b_ih, b_hh);
@@ -455,11 +474,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
         out = outs[static_cast<int>(winner)];
       }
     }
-    // The tiles' recurrence by kernels `kt` over the projections in `o`, in place.
+    // The tiles' recurrence by kernels `kt` over the projections in `o`, in place (or into `o`,
+    // forming univariate input's projections where `fold`).
     const auto tiles = [&](const Kernels<S>& kt, const Sequence& s, const at::Tensor& o, const at::Tensor& hn) {
       const at::Tensor w_hh_t = recurrent_matrix(kt, w_hh.t());
       for_rows(l.batch, l.rows * H * H, [&](int64_t r0, int64_t r1) {
-        kt.forward(s, ptr<scalar_t>(o), cptr<scalar_t>(h), w_hh_t.const_data_ptr(), ptr<scalar_t>(hn), relu, r0, r1);
+        kt.forward(s, ptr<scalar_t>(o), fold ? &univariate : nullptr, cptr<scalar_t>(h), w_hh_t.const_data_ptr(),
+                   ptr<scalar_t>(hn), relu, r0, r1);
       });
     };
     // The recurrence over the projections in `o`, in place, by one path; final states into `hn`.
@@ -491,7 +512,6 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
         for_elements(cur.numel(), [&](int64_t i0, int64_t i1) { k.activate(y + i0, i1 - i0, relu); });
       });
     };
-    const PathChoice choice = choose_path(l, x.scalar_type(), /*backward=*/false);
     if (choice.path) return recur(*choice.path, out, h_n);
     // Each timed run starts from its own copy of the projections (made off the clock).
     at::Tensor outs[2], h_ns[2];

@@ -207,6 +207,46 @@ template <> inline bf16 narrow(float v) {
 }
 template <> inline f16 narrow(float v) { return {__builtin_bit_cast(uint16_t, static_cast<_Float16>(v))}; }
 
+// a b + c, one rounding where the ISA has FMA (two below it), the same wherever it is written:
+// GCC contracts a separate product and sum into an FMA in some contexts and not in others, and
+// the univariate projections must not differ between the pass and the tiles (Univariate).
+inline vfloat madd(vfloat a, vfloat b, vfloat c) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512F__)
+  return bits_as<vfloat>(_mm512_fmadd_ps(bits_as<__m512>(a), bits_as<__m512>(b), bits_as<__m512>(c)));
+#elif MYRNN_VECTOR_BYTES == 32 && defined(__FMA__)
+  return bits_as<vfloat>(_mm256_fmadd_ps(bits_as<__m256>(a), bits_as<__m256>(b), bits_as<__m256>(c)));
+#else
+  const vfloat p = a * b;
+  return p + c;
+#endif
+}
+inline vdouble madd(vdouble a, vdouble b, vdouble c) {
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512F__)
+  return bits_as<vdouble>(_mm512_fmadd_pd(bits_as<__m512d>(a), bits_as<__m512d>(b), bits_as<__m512d>(c)));
+#elif MYRNN_VECTOR_BYTES == 32 && defined(__FMA__)
+  return bits_as<vdouble>(_mm256_fmadd_pd(bits_as<__m256d>(a), bits_as<__m256d>(b), bits_as<__m256d>(c)));
+#else
+  const vdouble p = a * b;
+  return p + c;
+#endif
+}
+template <typename C> inline C madd_scalar(C a, C b, C c) {
+#if defined(__FMA__) || defined(__AVX512F__)
+  return __builtin_fma(a, b, c);
+#else
+  const volatile C p = a * b;  // volatile: rounded apart from the sum, as the vectors above
+  return p + c;
+#endif
+}
+inline float madd_scalar(float a, float b, float c) {
+#if defined(__FMA__) || defined(__AVX512F__)
+  return __builtin_fmaf(a, b, c);
+#else
+  const volatile float p = a * b;
+  return p + c;
+#endif
+}
+
 // n / d for float vectors with d > 0, to about an ulp: a reciprocal estimate refined by one
 // Newton step on the quotient. A vector division has a throughput of one every several cycles
 // and the nonlinearity needs one per vector; at small hidden sizes it cost as much as the step's
@@ -286,9 +326,11 @@ enum class Epilogue { kActivate, kMulDact };
 // of prev and M that of m (see Layout below): T itself, except where float16/bfloat16 kernels
 // keep a float copy of the state and of m (kFloatScratch).
 //
-// The input projection x W_ih^T + b is not folded in here, although that would save a pass at
-// tiny input sizes: it runs before the recurrence over all steps at once, as one BLAS GEMM or
-// as `project` (ops/rnn_cpu.cpp measures which), both far faster per product than a step.
+// The input projection x W_ih^T + b runs before the recurrence over all steps at once, as one
+// BLAS GEMM or as `project` (ops/rnn_cpu.cpp measures which), both far faster per product than a
+// step. Only univariate input (I = 1, the article's) is folded in as the tiles' start values
+// (Univariate): its projection is one multiply-add per element, less than the pass over [N, H]
+// that writes it and the step that reads it back.
 template <typename T, typename A = T, typename M = T>
 struct Operands {
   const T* init = nullptr;  // per-row start values, or null
@@ -297,6 +339,10 @@ struct Operands {
   T* dst = nullptr;
   float* dst_float = nullptr;  // with a float scratch: dst's values again, widened, for the next step
   const T* y = nullptr;        // the saved output, for the backward epilogue
+  // Instead of init, univariate input: the start values are its projections (see Univariate).
+  const T* x = nullptr;  // the rows' inputs, one per row
+  const compute_t<T>* w = nullptr;
+  const compute_t<T>* bias = nullptr;
   int64_t H = 0;
   bool relu = false;
 
@@ -304,6 +350,7 @@ struct Operands {
     Operands o = *this;
     auto shift = [r](auto* p, int64_t stride) { return p ? p + r * stride : p; };
     o.init = shift(init, H);
+    o.x = shift(x, 1);
     o.prev = shift(prev, H);
     o.dst = shift(dst, H);
     o.dst_float = shift(dst_float, H);
@@ -382,6 +429,27 @@ inline void accumulate(vec<T> (&acc)[S][R][NV], const A* a, const M* m, int64_t 
   for (; k < H; ++k) one(0, k);
 }
 
+// Row r's start values at columns [j, j + lanes): init's, or univariate input's projections,
+// computed as project_univariate computes them and rounded as it stores them.
+template <typename T, typename A, typename M>
+inline vec<T> start(const Operands<T, A, M>& o, int r, int64_t j) {
+  using V = vec<T>;
+  if (o.x) {
+    const V p = madd(splat<V>(widen(o.x[r])), load(o.w + j), o.bias ? load(o.bias + j) : V{});
+    if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>) return rounded<T>(p);
+    return p;
+  }
+  return o.init ? load(o.init + r * o.H + j) : V{};
+}
+template <typename T, typename A, typename M>
+inline compute_t<T> start_scalar(const Operands<T, A, M>& o, int r, int64_t j) {
+  using C = compute_t<T>;
+  if (o.x) {
+    return widen(narrow<T>(madd_scalar(widen(o.x[r]), o.w[j], o.bias ? o.bias[j] : C(0))));
+  }
+  return o.init ? widen(o.init[r * o.H + j]) : C(0);
+}
+
 // R rows by NV vectors of columns from column j, accumulators in registers, then the epilogue.
 template <typename T, int R, int NV, int S, Epilogue E, typename A, typename M>
 inline void tile(const Operands<T, A, M>& o, int64_t j) {
@@ -391,7 +459,7 @@ inline void tile(const Operands<T, A, M>& o, int64_t j) {
   V acc[S][R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
-      acc[0][r][v] = o.init ? load(o.init + r * H + j + v * W) : V{};
+      acc[0][r][v] = start(o, r, j + v * W);
       for (int set = 1; set < S; ++set) acc[set][r][v] = V{};
     }
   accumulate<T, R, NV, S>(acc, o.prev, o.m, H, j);
@@ -427,7 +495,7 @@ inline void rows(const Operands<T, A, M>& o) {
   for (; j < H; ++j) {
     for (int r = 0; r < R; ++r) {
       using C = compute_t<T>;
-      C acc = o.init ? widen(o.init[r * H + j]) : C(0);
+      C acc = start_scalar(o, r, j);
       for (int64_t k = 0; k < H; ++k) acc += widen(o.prev[r * H + k]) * widen(o.m[m_index<M>(k, j, H)]);
       o.dst[r * H + j] = narrow<T>(E == Epilogue::kActivate ? act_scalar(acc, o.relu)
                                                             : acc * dact_scalar(widen(o.y[r * H + j]), o.relu));
@@ -466,13 +534,18 @@ struct StateScratch {
 };
 
 template <typename T, typename M = matrix_t<T>>
-void forward(const Sequence& s, T* out, const T* h0, const void* w_hh_t, T* h_n, bool relu, int64_t r0, int64_t r1) {
+void forward(const Sequence& s, T* out, const Univariate<T>* u, const T* h0, const void* w_hh_t, T* h_n, bool relu,
+             int64_t r0, int64_t r1) {
   const int64_t H = s.hidden;
   StateScratch<T, M> scratch(r1, H);
   Operands<T, typename StateScratch<T, M>::A, M> o;
   o.m = static_cast<const M*>(w_hh_t);
   o.H = H;
   o.relu = relu;
+  if (u) {
+    o.w = u->w;
+    o.bias = u->bias;
+  }
   if constexpr (kScratch<T, M>) {
     for (int64_t i = r0 * H; i < r1 * H; ++i) scratch.prev[i] = widen(h0[i]);
     o.prev = scratch.prev;
@@ -485,7 +558,10 @@ void forward(const Sequence& s, T* out, const T* h0, const void* w_hh_t, T* h_n,
     if (active <= r0) break;  // batch sizes never grow again
     T* cur = out + step.offset * H;
     o.dst = cur;
-    o.init = cur;
+    if (u)
+      o.x = u->x + step.offset;
+    else
+      o.init = cur;
     o.dst_float = scratch.cur;
     step_rows<T, Epilogue::kActivate>(o, r0, active);
     // Rows whose sequence ends here: their state is final.
@@ -878,8 +954,8 @@ void project_univariate(T* out, const T* x, const T* w, const T* b_ih, const T* 
     const V xn = splat<V>(widen(x[n]));
     T* o = out + n * hidden;
     int64_t j = 0;
-    for (; j + W <= hidden; j += W) store(o + j, load(bias.data() + j) + xn * load(wc.data() + j));
-    for (; j < hidden; ++j) o[j] = narrow<T>(bias[j] + widen(x[n]) * wc[j]);
+    for (; j + W <= hidden; j += W) store(o + j, madd(xn, load(wc.data() + j), load(bias.data() + j)));
+    for (; j < hidden; ++j) o[j] = narrow<T>(madd_scalar(widen(x[n]), wc[j], bias[j]));
   }
 }
 

@@ -35,20 +35,35 @@ inline int64_t grads_size(int64_t hidden, int64_t input) { return hidden * hidde
 //               AVX512-BF16's pairwise multiply-add reads
 enum class Matrix { kStorage, kFloat, kBf16Pairs };
 
+// Univariate input (I = 1) whose projection p = x w + b the forward forms in its register tiles,
+// as their start: the projection pass over [N, H] and the recurrence's reads of it cost more than
+// the one multiply-add per element they stand for (a quarter of the forward at (176, 25, 1, 32)).
+// The values are project_univariate's, rounded to T where T is 16-bit.
+template <typename T>
+struct Univariate {
+  using C = typename Accumulator<T>::type;
+  const T* x = nullptr;     // [N] the input
+  const C* w = nullptr;     // [H] W_ih's only column, in the compute type
+  const C* bias = nullptr;  // [H] b_ih + b_hh in that type, or null for none
+};
+
 // T is the storage type of every buffer but m; float16 and bfloat16 accumulate in float registers.
 template <typename T>
 struct Kernels {
   // The forward recurrence h_t = act(p_t + h_{t-1} W_hh^T) of batch rows [r0, r1), every step.
   //   s       the sequence (host arrays when packed)
-  //   out     [N, H] in: the input projections p = x W_ih^T + b; out: h_t. Read and overwritten
-  //           in place: step t reads step t-1's rows of `out` after they were written
+  //   out     [N, H] in: the input projections p = x W_ih^T + b, unless `u` forms them; out: h_t.
+  //           Read and overwritten in place: step t reads step t-1's rows of `out` after they
+  //           were written
+  //   u       univariate input whose projections the tiles form themselves (out is then only
+  //           written), or null
   //   h0      [B, H] the initial state
   //   w_hh_t  [H, H] W_hh transposed ([k][j] = W_hh[j][k]), typed and laid out as `matrix` says
   //   h_n     [B, H] out: each row's state after its last step; must not alias out or h0
   //   relu    act = relu if true, else tanh
   //   r0, r1  the rows this call runs; calls on disjoint ranges may run at the same time
-  void (*forward)(const Sequence& s, T* out, const T* h0, const void* w_hh_t, T* h_n, bool relu, int64_t r0,
-                  int64_t r1);
+  void (*forward)(const Sequence& s, T* out, const Univariate<T>* u, const T* h0, const void* w_hh_t, T* h_n,
+                  bool relu, int64_t r0, int64_t r1);
   // The reverse recurrence dz_t = (grad_out_t + dz_{t+1} W_hh) * act'(y_t) of rows [r0, r1), where a
   // row's last step takes grad_h_n instead of the product.
   //   s         the sequence, as for forward
@@ -63,7 +78,7 @@ struct Kernels {
   // The input projection of univariate input (I = 1) in one pass: out[n, :] = x[n] w + b_ih + b_hh.
   // A GEMM with inner dimension 1 runs far below BLAS speed and, with a bias, writes the output
   // twice; this is the same single product and sum per element, the biases summed in registers
-  // (one ATen add fewer per call).
+  // (one ATen add fewer per call). (The tiles' forward forms these values itself: Univariate.)
   //   out         [rows, hidden] out
   //   x           [rows] the input
   //   w           [hidden] W_ih's only column

@@ -207,43 +207,36 @@ template <> inline bf16 narrow(float v) {
 }
 template <> inline f16 narrow(float v) { return {__builtin_bit_cast(uint16_t, static_cast<_Float16>(v))}; }
 
-// a b + c, one rounding where the ISA has FMA (two below it), the same wherever it is written:
-// GCC contracts a separate product and sum into an FMA in some contexts and not in others, and
-// the univariate projections must not differ between the pass and the tiles (Univariate).
-inline vfloat madd(vfloat a, vfloat b, vfloat c) {
+// a b + c, one rounding where the target has FMA (two below it), the same wherever it is
+// written: GCC contracts a separate product and sum into an FMA in some contexts and not in
+// others, and the univariate projections must not differ between the pass and the tiles
+// (Univariate). Elsewhere (AArch64's NEON, say) lane by lane, which the compiler vectorizes.
+template <typename V> inline V madd(V a, V b, V c) {
 #if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512F__)
-  return bits_as<vfloat>(_mm512_fmadd_ps(bits_as<__m512>(a), bits_as<__m512>(b), bits_as<__m512>(c)));
+  if constexpr (std::is_same_v<V, vfloat>)
+    return bits_as<vfloat>(_mm512_fmadd_ps(bits_as<__m512>(a), bits_as<__m512>(b), bits_as<__m512>(c)));
+  else
+    return bits_as<vdouble>(_mm512_fmadd_pd(bits_as<__m512d>(a), bits_as<__m512d>(b), bits_as<__m512d>(c)));
 #elif MYRNN_VECTOR_BYTES == 32 && defined(__FMA__)
-  return bits_as<vfloat>(_mm256_fmadd_ps(bits_as<__m256>(a), bits_as<__m256>(b), bits_as<__m256>(c)));
+  if constexpr (std::is_same_v<V, vfloat>)
+    return bits_as<vfloat>(_mm256_fmadd_ps(bits_as<__m256>(a), bits_as<__m256>(b), bits_as<__m256>(c)));
+  else
+    return bits_as<vdouble>(_mm256_fmadd_pd(bits_as<__m256d>(a), bits_as<__m256d>(b), bits_as<__m256d>(c)));
+#elif defined(__FP_FAST_FMAF) && defined(__FP_FAST_FMA)
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(a[0])); ++i) a[i] = __builtin_fma(a[i], b[i], c[i]);
+  return a;
 #else
-  const vfloat p = a * b;
-  return p + c;
-#endif
-}
-inline vdouble madd(vdouble a, vdouble b, vdouble c) {
-#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512F__)
-  return bits_as<vdouble>(_mm512_fmadd_pd(bits_as<__m512d>(a), bits_as<__m512d>(b), bits_as<__m512d>(c)));
-#elif MYRNN_VECTOR_BYTES == 32 && defined(__FMA__)
-  return bits_as<vdouble>(_mm256_fmadd_pd(bits_as<__m256d>(a), bits_as<__m256d>(b), bits_as<__m256d>(c)));
-#else
-  const vdouble p = a * b;
-  return p + c;
+  return a * b + c;  // no FMA instruction to contract into: two roundings, everywhere
 #endif
 }
 template <typename C> inline C madd_scalar(C a, C b, C c) {
-#if defined(__FMA__) || defined(__AVX512F__)
-  return __builtin_fma(a, b, c);
+#if defined(__FP_FAST_FMAF) && defined(__FP_FAST_FMA)
+  if constexpr (std::is_same_v<C, float>)
+    return __builtin_fmaf(a, b, c);
+  else
+    return __builtin_fma(a, b, c);
 #else
-  const volatile C p = a * b;  // volatile: rounded apart from the sum, as the vectors above
-  return p + c;
-#endif
-}
-inline float madd_scalar(float a, float b, float c) {
-#if defined(__FMA__) || defined(__AVX512F__)
-  return __builtin_fmaf(a, b, c);
-#else
-  const volatile float p = a * b;
-  return p + c;
+  return a * b + c;
 #endif
 }
 

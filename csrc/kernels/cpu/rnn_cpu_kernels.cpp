@@ -223,7 +223,12 @@ template <typename V> inline V madd(V a, V b, V c) {
   else
     return bits_as<vdouble>(_mm256_fmadd_pd(bits_as<__m256d>(a), bits_as<__m256d>(b), bits_as<__m256d>(c)));
 #elif defined(__FP_FAST_FMAF) && defined(__FP_FAST_FMA)
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(a[0])); ++i) a[i] = __builtin_fma(a[i], b[i], c[i]);
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(a[0])); ++i) {
+    if constexpr (std::is_same_v<V, vfloat>)
+      a[i] = __builtin_fmaf(a[i], b[i], c[i]);  // not fma's double: that would round twice
+    else
+      a[i] = __builtin_fma(a[i], b[i], c[i]);
+  }
   return a;
 #else
   return a * b + c;  // no FMA instruction to contract into: two roundings, everywhere

@@ -326,13 +326,22 @@ def test_cli_rejects_an_unknown_peer(capsys):
     assert "unknown peer 'tensorflow'; valid peers are: jax, onnxruntime, torch.compile" in capsys.readouterr().err
 
 
-def test_a_bfloat16_training_step_needs_well_under_float32s_peak_memory():
+@pytest.mark.parametrize("routes, bound", [(("tiles", "kernels"), 0.75), (("gemm", "gemm"), 0.9)], ids=["kernels", "gemm"])
+def test_a_bfloat16_training_step_needs_well_under_float32s_peak_memory(monkeypatch, routes, bound):
     # The saved activations, the backward's scratch and the gradients stay in the storage dtype:
-    # at this shape they are most of a step's peak (out alone is 16 MB in float32).
+    # at this shape they are most of a step's peak (out alone is 16 MB in float32). The routes are
+    # forced (the children inherit the environment): a first call under autotuning runs both
+    # candidates of each pass, whose buffers then make the peak of each fresh process vary by
+    # tens of MB (float32 101-148 MB, bfloat16 57-80 MB over a few runs), more than the saving
+    # measured. Forced, the peaks repeat: 35 and 23 MB by the kernels, 40 and 30 by the GEMMs.
     if registry.unavailable_reason("cpp") is not None:
         pytest.skip(registry.unavailable_reason("cpp"))
     from myrnn_fast.benchmark import memory
 
+    path, route = routes
+    monkeypatch.setenv("MYRNN_CPU_PATH", path)
+    monkeypatch.setenv("MYRNN_CPU_GRADS", route)
+    monkeypatch.setenv("MYRNN_CPU_PROJECTION", route)
     shape = (500, 32, 8, 256)
     f32, bf16 = (memory.step_peak("cpp", dtype, shape) for dtype in ("float32", "bfloat16"))
-    assert f32 > 30 and bf16 < 0.75 * f32, (f32, bf16)
+    assert f32 > 30 and bf16 < bound * f32, (f32, bf16)

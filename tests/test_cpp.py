@@ -478,21 +478,18 @@ def test_tiles_form_univariate_projections_as_the_projection_pass(dtype, packed,
     if bias:
         exact = exact + b_ih.double() + b_hh.double()
     exact = torch.relu(exact)
-    threads = torch.get_num_threads()
-    try:
-        for isa, n_threads in itertools.product(ISAS, (1, 2)):
-            torch.set_num_threads(n_threads)
-            out = {}
-            for path in ("tiles", "gemm"):
-                with config.override(cpu_isa=isa, cpu_path=path, cpu_parallel_min_work=0):
-                    out[path], _ = _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, "relu")
-                assert out[path].dtype == dtype
-            assert torch.equal(out["tiles"], out["gemm"]), (isa, n_threads)
-            eps = torch.finfo(dtype).eps  # the bias sum and the product each round once (float32, float64)
-            torch.testing.assert_close(out["tiles"].double().reshape(-1, H), exact, rtol=4 * eps,
-                                       atol=4 * eps * exact.abs().max().item(), msg=f"{isa} {n_threads}")
-    finally:
-        torch.set_num_threads(threads)
+
+    def forward(isa, path):
+        with config.override(cpu_isa=isa, cpu_path=path, cpu_parallel_min_work=0):
+            return _C.rnn_forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, "relu")[0]
+
+    for isa, n_threads in itertools.product(ISAS, (1, 2)):
+        out = {path: _on_threads(n_threads, lambda: forward(isa, path)) for path in ("tiles", "gemm")}
+        assert out["tiles"].dtype == out["gemm"].dtype == dtype
+        assert torch.equal(out["tiles"], out["gemm"]), (isa, n_threads)
+        eps = torch.finfo(dtype).eps  # the bias sum and the product each round once (float32, float64)
+        torch.testing.assert_close(out["tiles"].double().reshape(-1, H), exact, rtol=4 * eps,
+                                   atol=4 * eps * exact.abs().max().item(), msg=f"{isa} {n_threads}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

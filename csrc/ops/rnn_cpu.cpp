@@ -372,7 +372,7 @@ at::Tensor kernel_projection(const Kernels<storage_t<scalar_t>>& k, const at::Te
   const at::Tensor w_t = std::is_same_v<C, float> ? float_copy(w_ih.t()) : w_ih.t().contiguous();
   constexpr at::ScalarType compute = c10::CppTypeToScalarType<C>::value;
   at::Tensor bias;
-  if (b_ih) bias = b_ih->to(compute) + b_hh->to(compute);  // summed unrounded, as project_univariate does
+  if (b_ih) bias = b_ih->to(compute) + b_hh->to(compute);  // summed unrounded, as for univariate input (Univariate)
   at::Tensor out = at::detail::empty_cpu({N, H}, rows.scalar_type(), /*pin_memory=*/false);
   const auto xc = rows.expect_contiguous();
   const int64_t grain = std::max<int64_t>(1, knobs::cpu_parallel_min_work.get() / std::max<int64_t>(1, I * H));
@@ -430,32 +430,26 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
     const PathChoice choice = choose_path(l, x.scalar_type(), /*backward=*/false);
     // Univariate input (I = 1): where the tiles run, they form its projections in their registers
     // (Univariate); the other path, and a first call that times both, take them from one pass of
-    // project_univariate (the same values).
+    // project_univariate (the same values, from the same w and bias sum).
     using C = typename Accumulator<S>::type;
     const bool fold = l.input == 1 && choice.path == autotune::Path::kKernels;
-    const auto xc = rows.expect_contiguous();
+    const auto xc = rows.expect_contiguous();  // out here: the tiles read x through `univariate`
     std::vector<C> u_w, u_bias;
     Univariate<S> univariate;
     // The input projection of every step at once; the recurrence then updates it in place.
     if (l.input == 1) {
       out = at::empty({l.rows, H}, x.options());
       const auto wc = w_ih.expect_contiguous();
-      const bool bias = b_ih.has_value();
-      const auto bic = bias ? b_ih->expect_contiguous() : c10::MaybeOwned<at::Tensor>();
-      const auto bhc = bias ? b_hh->expect_contiguous() : c10::MaybeOwned<at::Tensor>();
-      if (fold) {
-        const scalar_t* w = wc->const_data_ptr<scalar_t>();
-        u_w.assign(w, w + H);
-        if (bias) {
-          const scalar_t *bi = bic->const_data_ptr<scalar_t>(), *bh = bhc->const_data_ptr<scalar_t>();
-          u_bias.resize(H);
-          for (int64_t j = 0; j < H; ++j) u_bias[j] = static_cast<C>(bi[j]) + static_cast<C>(bh[j]);
-        }
-        univariate = {cptr<scalar_t>(*xc), u_w.data(), bias ? u_bias.data() : nullptr};
-      } else {
-        k.project_univariate(ptr<scalar_t>(out), cptr<scalar_t>(*xc), cptr<scalar_t>(*wc),
-                             bias ? cptr<scalar_t>(*bic) : nullptr, bias ? cptr<scalar_t>(*bhc) : nullptr, l.rows, H);
+      const scalar_t* w = wc->const_data_ptr<scalar_t>();
+      u_w.assign(w, w + H);
+      if (b_ih) {
+        const auto bic = b_ih->expect_contiguous(), bhc = b_hh->expect_contiguous();
+        const scalar_t *bi = bic->const_data_ptr<scalar_t>(), *bh = bhc->const_data_ptr<scalar_t>();
+        u_bias.resize(H);
+        for (int64_t j = 0; j < H; ++j) u_bias[j] = static_cast<C>(bi[j]) + static_cast<C>(bh[j]);
       }
+      univariate = {cptr<scalar_t>(*xc), u_w.data(), b_ih ? u_bias.data() : nullptr};
+      if (!fold) k.project_univariate(ptr<scalar_t>(out), univariate, l.rows, H);
     } else {
       const auto project = [&](autotune::Path path) {
         if (path == autotune::Path::kKernels) return kernel_projection<scalar_t>(k, rows, w_ih, b_ih, b_hh);
@@ -463,13 +457,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
           return in_float32(input_projection, x.scalar_type(), rows, w_ih, summed_bias(b_ih, b_hh));
         return input_projection(rows, w_ih, summed_bias(b_ih, b_hh));
       };
-      const PathChoice choice = choose_projection(l, x.scalar_type());
-      if (choice.path) {
-        out = project(*choice.path);
+      const PathChoice projection = choose_projection(l, x.scalar_type());
+      if (projection.path) {
+        out = project(*projection.path);
       } else {
         at::Tensor outs[2];
         const autotune::Path winner = autotune::measure(
-            choice.key, [&](autotune::Path path) { return seconds_of([&] { outs[static_cast<int>(path)] = project(path); }); },
+            projection.key, [&](autotune::Path path) { return seconds_of([&] { outs[static_cast<int>(path)] = project(path); }); },
             /*pairs=*/2, /*warm_up=*/true);
         out = outs[static_cast<int>(winner)];
       }

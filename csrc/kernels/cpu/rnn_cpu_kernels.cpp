@@ -427,25 +427,33 @@ inline void accumulate(vec<T> (&acc)[S][R][NV], const A* a, const M* m, int64_t 
   for (; k < H; ++k) one(0, k);
 }
 
+// Univariate input's projection x w + b at columns [j, j + lanes), and at column j alone: the one
+// formula of project_univariate and of the tiles' start values (Univariate), before rounding.
+template <typename T>
+inline vec<T> projected(compute_t<T> x, const compute_t<T>* w, const compute_t<T>* bias, int64_t j) {
+  using V = vec<T>;
+  return madd(splat<V>(x), load(w + j), bias ? load(bias + j) : V{});
+}
+template <typename T>
+inline compute_t<T> projected_scalar(compute_t<T> x, const compute_t<T>* w, const compute_t<T>* bias, int64_t j) {
+  return madd_scalar(x, w[j], bias ? bias[j] : compute_t<T>(0));
+}
+
 // Row r's start values at columns [j, j + lanes): init's, or univariate input's projections,
-// computed as project_univariate computes them and rounded as it stores them.
+// rounded as project_univariate stores them.
 template <typename T, typename A, typename M>
 inline vec<T> start(const Operands<T, A, M>& o, int r, int64_t j) {
-  using V = vec<T>;
   if (o.x) {
-    const V p = madd(splat<V>(widen(o.x[r])), load(o.w + j), o.bias ? load(o.bias + j) : V{});
+    const vec<T> p = projected<T>(widen(o.x[r]), o.w, o.bias, j);
     if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>) return rounded<T>(p);
     return p;
   }
-  return o.init ? load(o.init + r * o.H + j) : V{};
+  return o.init ? load(o.init + r * o.H + j) : vec<T>{};
 }
 template <typename T, typename A, typename M>
 inline compute_t<T> start_scalar(const Operands<T, A, M>& o, int r, int64_t j) {
-  using C = compute_t<T>;
-  if (o.x) {
-    return widen(narrow<T>(madd_scalar(widen(o.x[r]), o.w[j], o.bias ? o.bias[j] : C(0))));
-  }
-  return o.init ? widen(o.init[r * o.H + j]) : C(0);
+  if (o.x) return widen(narrow<T>(projected_scalar<T>(widen(o.x[r]), o.w, o.bias, j)));
+  return o.init ? widen(o.init[r * o.H + j]) : compute_t<T>(0);
 }
 
 // R rows by NV vectors of columns from column j, accumulators in registers, then the epilogue.
@@ -935,25 +943,18 @@ void grads_finish(const void* acc_v, int64_t parts, int64_t stride, int64_t H, i
   narrow_row(sum.data() + H * H + I * H, grad_b, H);
 }
 
-// out[n] = x[n] w + (b_ih + b_hh). The weights and the bias sum are widened once per call, not
-// once per row (for float16/bfloat16 that is most of the instructions); same sums either way.
+// out[n] = x[n] w + b for univariate input, with w and b in the compute type (widened and summed
+// once per call by the caller, not once per row: for float16/bfloat16 that was most of the
+// instructions).
 template <typename T>
-void project_univariate(T* out, const T* x, const T* w, const T* b_ih, const T* b_hh, int64_t rows,
-                        int64_t hidden) {
-  using C = compute_t<T>;
-  using V = vec<T>;
+void project_univariate(T* out, const Univariate<T>& u, int64_t rows, int64_t hidden) {
   constexpr int W = kLanes<T>;
-  std::vector<C> wc(hidden), bias(hidden, C(0));
-  for (int64_t j = 0; j < hidden; ++j) {
-    wc[j] = widen(w[j]);
-    if (b_ih) bias[j] = widen(b_ih[j]) + widen(b_hh[j]);
-  }
   for (int64_t n = 0; n < rows; ++n) {
-    const V xn = splat<V>(widen(x[n]));
+    const compute_t<T> xn = widen(u.x[n]);
     T* o = out + n * hidden;
     int64_t j = 0;
-    for (; j + W <= hidden; j += W) store(o + j, madd(xn, load(wc.data() + j), load(bias.data() + j)));
-    for (; j < hidden; ++j) o[j] = narrow<T>(madd_scalar(widen(x[n]), wc[j], bias[j]));
+    for (; j + W <= hidden; j += W) store(o + j, projected<T>(xn, u.w, u.bias, j));
+    for (; j < hidden; ++j) o[j] = narrow<T>(projected_scalar<T>(xn, u.w, u.bias, j));
   }
 }
 

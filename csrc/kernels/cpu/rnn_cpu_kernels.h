@@ -75,16 +75,13 @@ struct Kernels {
   //   relu, r0, r1  as for forward
   void (*backward)(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, const T* out, const void* w_hh,
                    bool relu, int64_t r0, int64_t r1);
-  // The input projection of univariate input (I = 1) in one pass: out[n, :] = x[n] w + b_ih + b_hh.
-  // A GEMM with inner dimension 1 runs far below BLAS speed and, with a bias, writes the output
-  // twice; this is the same single product and sum per element, the biases summed in registers
-  // (one ATen add fewer per call). (The tiles' forward forms these values itself: Univariate.)
-  //   out         [rows, hidden] out
-  //   x           [rows] the input
-  //   w           [hidden] W_ih's only column
-  //   b_ih, b_hh  [hidden] each, or both null for none
-  void (*project_univariate)(T* out, const T* x, const T* w, const T* b_ih, const T* b_hh, int64_t rows,
-                             int64_t hidden);
+  // The input projection of univariate input (I = 1) in one pass: out[n, :] = x[n] w + b, where
+  // the tiles' forward does not form it itself (Univariate: the same values). A GEMM with inner
+  // dimension 1 runs far below BLAS speed and, with a bias, writes the output twice; this is the
+  // same single product and sum per element.
+  //   out   [rows, hidden] out
+  //   u     the input [rows], W_ih's column and the bias sum, as the forward takes them
+  void (*project_univariate)(T* out, const Univariate<T>& u, int64_t rows, int64_t hidden);
   // The input projection of any input size without a GEMM call: out = x W_ih^T + bias, in the
   // register tiles of the gradients' grad x (path "kernels" of knob cpu_projection).
   //   out    [rows, hidden] out

@@ -638,6 +638,21 @@ void backward(const Sequence& s, T* dz, const T* grad_out, const T* grad_h_n, co
 
 template <typename T> inline compute_t<T> dot(const T* a, const T* b, int64_t n);
 
+// The sum of a vector's lanes by halves (lanes [0, n/2) plus [n/2, n), and so on down to one):
+// log2(lanes) shuffles and adds, where adding lane by lane is one chain of dependent scalar adds
+// (16 of them, 4 cycles each, for float32 in AVX-512), which set the pace of grad x at input size 1.
+template <typename V, std::size_t... L> inline auto half_sum(V v, std::index_sequence<L...>) {
+  return __builtin_shufflevector(v, v, L...) + __builtin_shufflevector(v, v, (L + sizeof...(L))...);
+}
+template <typename V> inline auto lane_sum(V v) {
+  constexpr std::size_t n = sizeof(V) / sizeof(v[0]);
+  if constexpr (n == 1) {
+    return v[0];
+  } else {
+    return lane_sum(half_sum(v, std::make_index_sequence<n / 2>{}));
+  }
+}
+
 // Calls fn(n, prev) for each row n of rows [r0, r1) at every step, prev being the row it continues
 // (h0's row at step 0): the pairs every weight gradient sums over.
 template <typename T, typename F>
@@ -663,10 +678,14 @@ inline void outer_tile(C* acc, const Rows& rows, int64_t H, int64_t k0, int64_t 
   constexpr int W = kLanes<T>;
   V sum[KR][JV] = {};
   rows([&](const T* a, const T* b) {
+    // One base pointer per row, the tile's offsets constant from it: indexing by k0 + kr kept
+    // KR index registers live and spilled the loop's pointers to the stack.
+    const T* aj = a + j0;
+    const T* bk = b + k0;
     V col[JV];
-    for (int v = 0; v < JV; ++v) col[v] = load(a + j0 + v * W);
+    for (int v = 0; v < JV; ++v) col[v] = load(aj + v * W);
     for (int kr = 0; kr < KR; ++kr) {
-      const V p = splat<V>(widen(b[k0 + kr]));
+      const V p = splat<V>(widen(bk[kr]));
       for (int v = 0; v < JV; ++v) sum[kr][v] += p * col[v];
     }
   });
@@ -745,21 +764,67 @@ inline void product_rows(const T* a, int64_t H, const T* m, int64_t width, const
       out[r * width + c] = narrow<T>((bias ? widen(bias[c]) : 0) + dot(a + r * H, tail + (c - c0) * H, H));
 }
 
-// out = bias + a m for `count` rows of a (row stride H), m [H][width], bias [width] or null.
+// out = bias + a m for `count` rows of a (row stride H), m [H][width], bias [width] or null;
+// `tail` is tail_columns(m, H, width, width / W * W), which callers making many products with
+// one m build once.
+template <typename T>
+void product_with(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T* out, const T* bias,
+                  const T* tail) {
+  int64_t r = 0;
+  for (; r + kMaxRows <= count; r += kMaxRows)
+    product_rows<T, kMaxRows>(a + r * H, H, m, width, bias, tail, out + r * width);
+  if constexpr (kMaxRows > 4)
+    if (r + 4 <= count) product_rows<T, 4>(a + r * H, H, m, width, bias, tail, out + r * width), r += 4;
+  for (; r < count; ++r) product_rows<T, 1>(a + r * H, H, m, width, bias, tail, out + r * width);
+}
+
 template <typename T>
 void product(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T* out, const T* bias = nullptr) {
   constexpr int W = kLanes<T>;
-  const std::vector<T> tail = tail_columns(m, H, width, width / W * W);
-  int64_t r = 0;
-  for (; r + kMaxRows <= count; r += kMaxRows)
-    product_rows<T, kMaxRows>(a + r * H, H, m, width, bias, tail.data(), out + r * width);
-  if constexpr (kMaxRows > 4)
-    if (r + 4 <= count) product_rows<T, 4>(a + r * H, H, m, width, bias, tail.data(), out + r * width), r += 4;
-  for (; r < count; ++r) product_rows<T, 1>(a + r * H, H, m, width, bias, tail.data(), out + r * width);
+  product_with(a, count, H, m, width, out, bias, tail_columns(m, H, width, width / W * W).data());
 }
 
-// The 16-bit grads (below) widen their rows in chunks of this many: each chunk's float32 copies
-// (dz, the previous states, the inputs) stay in L1/L2 while every tile of the sums passes over them.
+// The rows grads sums a chunk at a time: as many as leave their operands (dz's and the previous
+// states' rows, H values each, and the inputs', I) in half of a 48 KiB L1, so that every tile of
+// the sums reads them from there. One pass over all rows per tile streamed them from L2 once per
+// tile, and took twice the multiply-adds' time (grad W_hh at (176, 25, 1, 32): 4 tiles).
+constexpr int64_t kChunkBytes = 24 << 10;
+// Past H = 96 the chunk is kMinChunkRows rows, for the sums' loads and stores of `acc` (once
+// per tile and chunk) to stay a small share of the tiles' multiply-adds.
+constexpr int64_t kMinChunkRows = 32;
+constexpr int64_t kMaxChunkRows = 256;
+template <typename T> inline int64_t chunk_rows(int64_t H, int64_t I) {
+  return std::clamp<int64_t>(kChunkBytes / static_cast<int64_t>((2 * H + I) * sizeof(T)), kMinChunkRows, kMaxChunkRows);
+}
+
+// The weight gradients' sums over one chunk of rows, added to `acc` (laid out as Kernels::grads
+// fills it): chunk row c is dz(c), which continues the state prev(c) from input x(c), each a row
+// pointer in the type the sums read (T's compute type).
+template <typename T, typename C, typename Dz, typename Prev, typename X>
+void chunk_sums(C* acc, int64_t H, int64_t I, int64_t count, const Dz& dz, const Prev& prev, const X& x) {
+  using V = vec<T>;
+  constexpr int W = kLanes<T>;
+  outer_sum<T>(acc, [&](const auto& fn) { for (int64_t c = 0; c < count; ++c) fn(dz(c), prev(c)); }, H, H);
+  outer_sum<T>(acc + H * H, [&](const auto& fn) { for (int64_t c = 0; c < count; ++c) fn(dz(c), x(c)); }, H, I);
+  C* acc_b = acc + H * H + I * H;
+  int64_t j = 0;
+  for (; j + W <= H; j += W) {  // four sums, so that the adds do not wait on each other
+    V sum[4] = {};
+    int64_t c = 0;
+    for (; c + 4 <= count; c += 4)
+      for (int u = 0; u < 4; ++u) sum[u] += load(dz(c + u) + j);
+    for (; c < count; ++c) sum[0] += load(dz(c) + j);
+    store(acc_b + j, load(acc_b + j) + ((sum[0] + sum[1]) + (sum[2] + sum[3])));
+  }
+  for (; j < H; ++j) {
+    C sum = 0;
+    for (int64_t c = 0; c < count; ++c) sum += widen(dz(c)[j]);
+    acc_b[j] += sum;
+  }
+}
+
+// The 16-bit projection (project, below) widens its input in chunks of this many rows: each
+// chunk's float32 copy stays in L1/L2 while every tile of the product passes over it.
 constexpr int64_t kWidenedRows = 64;
 
 template <typename T>
@@ -781,20 +846,16 @@ void narrow_row(const compute_t<T>* src, T* dst, int64_t n) {
 // grads for float16 and bfloat16 storage. Each tile of the weight-gradient sums passes over every
 // row, and 16-bit operands would be widened again on every pass: a scalar widening per broadcast
 // and a conversion per loaded vector, nearly doubling the instructions of float32's tiles (where
-// the broadcast folds into the FMA). So the rows are widened once, a chunk of kWidenedRows at a
-// time into scratch that stays in cache, and float32's tiles sum them: the same products of the
-// same values in float32, added to `acc` once per chunk instead of once per call. The weights of
-// grad x are widened once per call (an H x I float32 copy). grad h0 (B rows) keeps the 16-bit product.
+// the broadcast folds into the FMA). So the rows are widened once, a chunk (chunk_rows) at a time
+// into scratch that stays in cache, and float32's tiles sum them: the same products of the same
+// values in float32. The weights of grad x are widened once per call (an H x I float32 copy).
+// grad h0 (B rows) keeps the 16-bit product.
 template <typename T>
 void grads_widened(const Sequence& s, int64_t I, const T* dz, const T* x, const T* h0, const T* y, const T* w_ih,
                    const T* w_hh, void* acc_v, T* grad_x, T* grad_h0, int64_t r0, int64_t r1) {
-  using V = vec<float>;
-  constexpr int W = kLanes<float>;
-  constexpr int64_t K = kWidenedRows;
+  const int64_t K = chunk_rows<float>(s.hidden, I);
   const int64_t H = s.hidden;
   float* acc_hh = static_cast<float*>(acc_v);
-  float* acc_ih = acc_hh + H * H;
-  float* acc_b = acc_ih + I * H;
   std::vector<float> scratch(K * (2 * H + I) + (grad_x ? K * I + H * I : 0));
   float* dzf = scratch.data();
   float* prevf = dzf + K * H;
@@ -802,8 +863,8 @@ void grads_widened(const Sequence& s, int64_t I, const T* dz, const T* x, const 
   float* gxf = xf + K * I;    // grad x of a chunk's rows, before rounding
   float* w_ihf = gxf + K * I;
   if (grad_x) widen_row(w_ih, w_ihf, H * I);
-  int64_t rows[K];         // the chunk's rows n, in order
-  const T* prevs[K];       // and the states they continue
+  int64_t rows[kMaxChunkRows];    // the chunk's rows n, in order
+  const T* prevs[kMaxChunkRows];  // and the states they continue
   int64_t count = 0;
   const auto flush = [&] {
     // Widened run by run: a step's rows are consecutive, and so are the states they continue
@@ -815,19 +876,8 @@ void grads_widened(const Sequence& s, int64_t I, const T* dz, const T* x, const 
       widen_row(x + rows[c] * I, xf + c * I, (end - c) * I);
       widen_row(prevs[c], prevf + c * H, (end - c) * H);
     }
-    outer_sum<float>(acc_hh, [&](const auto& fn) { for (int64_t c = 0; c < count; ++c) fn(dzf + c * H, prevf + c * H); }, H, H);
-    outer_sum<float>(acc_ih, [&](const auto& fn) { for (int64_t c = 0; c < count; ++c) fn(dzf + c * H, xf + c * I); }, H, I);
-    int64_t j = 0;
-    for (; j + W <= H; j += W) {
-      V sum{};
-      for (int64_t c = 0; c < count; ++c) sum += load(dzf + c * H + j);
-      store(acc_b + j, load(acc_b + j) + sum);
-    }
-    for (; j < H; ++j) {
-      float sum = 0;
-      for (int64_t c = 0; c < count; ++c) sum += dzf[c * H + j];
-      acc_b[j] += sum;
-    }
+    chunk_sums<float>(acc_hh, H, I, count, [&](int64_t c) { return dzf + c * H; },
+                      [&](int64_t c) { return prevf + c * H; }, [&](int64_t c) { return xf + c * I; });
     if (grad_x) {
       product(dzf, count, H, w_ihf, I, gxf);
       for (int64_t c = 0; c < count; ++c) narrow_row(gxf + c * I, grad_x + rows[c] * I, I);
@@ -880,29 +930,33 @@ void grads(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h
   C* acc_hh = acc;
   C* acc_ih = acc + H * H;
   C* acc_b = acc_ih + I * H;
-  // grad W_hh: dz rows against the states they continue; grad W_ih: against the inputs.
-  outer_sum<T>(acc_hh, [&](const auto& fn) { for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T* prev) { fn(dz + n * H, prev); }); }, H, H);
-  outer_sum<T>(acc_ih, [&](const auto& fn) { for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T*) { fn(dz + n * H, x + n * I); }); }, H, I);
-  // grad b, and grad x row by row (rows of a step are contiguous).
-  {
-    int64_t j = 0;
-    for (; j + W <= H; j += W) {
-      V sum{};
-      for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T*) { sum += load(dz + n * H + j); });
-      for (int i = 0; i < W; ++i) acc_b[j + i] += sum[i];
-    }
-    for (; j < H; ++j) {
-      C sum = 0;
-      for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T*) { sum += widen(dz[n * H + j]); });
-      acc_b[j] += sum;
-    }
-  }
+  // The rows a chunk at a time (their dz, previous states and inputs stay in L1 while every tile
+  // of the sums passes over them): grad W_hh, dz rows against the states they continue; grad W_ih,
+  // against the inputs; grad b, their sum.
+  const int64_t K = chunk_rows<T>(H, I);
+  const T* dzs[kMaxChunkRows];
+  const T* prevs[kMaxChunkRows];
+  const T* xs[kMaxChunkRows];
+  int64_t count = 0;
+  const auto flush = [&] {
+    chunk_sums<T>(acc, H, I, count, [&](int64_t c) { return dzs[c]; }, [&](int64_t c) { return prevs[c]; },
+                  [&](int64_t c) { return xs[c]; });
+    count = 0;
+  };
+  for_each_row(s, h0, y, r0, r1, [&](int64_t n, const T* prev) {
+    dzs[count] = dz + n * H;
+    prevs[count] = prev;
+    xs[count++] = x + n * I;
+    if (count == K) flush();
+  });
+  if (count > 0) flush();
   if (grad_h0) product(dz + r0 * H, r1 - r0, H, w_hh, H, grad_h0 + r0 * H);  // step 0's rows are rows [0, B)
   if (!grad_x) return;
+  // grad x = dz W_ih, a step's rows at a time (they are contiguous), or all rows as one block.
+  const std::vector<T> tail = tail_columns(w_ih, H, I, I / W * W);
   if (r0 == 0 && r1 == s.batch) {  // all rows: one block, so that tiles span steps (at B = 1 too)
     const Step last = step_at(s, s.seq_len - 1);
-    const int64_t n = last.offset + last.batch_size;
-    product(dz, n, H, w_ih, I, grad_x);
+    product_with(dz, last.offset + last.batch_size, H, w_ih, I, grad_x, static_cast<const T*>(nullptr), tail.data());
     return;
   }
   for (int64_t t = 0; t < s.seq_len; ++t) {
@@ -910,7 +964,7 @@ void grads(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h
     const int64_t active = std::min(r1, step.batch_size);
     if (active <= r0) break;
     const int64_t n = step.offset + r0;
-    product(dz + n * H, active - r0, H, w_ih, I, grad_x + n * I);
+    product_with(dz + n * H, active - r0, H, w_ih, I, grad_x + n * I, static_cast<const T*>(nullptr), tail.data());
   }
 }
 
@@ -998,8 +1052,7 @@ inline compute_t<T> dot(const T* a, const T* b, int64_t n) {
   V acc{};
   int64_t k = 0;
   for (; k + kLanes<T> <= n; k += kLanes<T>) acc += load(a + k) * load(b + k);
-  compute_t<T> sum = 0;
-  for (int i = 0; i < kLanes<T>; ++i) sum += acc[i];
+  compute_t<T> sum = lane_sum(acc);
   for (; k < n; ++k) sum += widen(a[k]) * widen(b[k]);
   return sum;
 }

@@ -678,14 +678,10 @@ inline void outer_tile(C* acc, const Rows& rows, int64_t H, int64_t k0, int64_t 
   constexpr int W = kLanes<T>;
   V sum[KR][JV] = {};
   rows([&](const T* a, const T* b) {
-    // One base pointer per row, the tile's offsets constant from it: indexing by k0 + kr kept
-    // KR index registers live and spilled the loop's pointers to the stack.
-    const T* aj = a + j0;
-    const T* bk = b + k0;
     V col[JV];
-    for (int v = 0; v < JV; ++v) col[v] = load(aj + v * W);
+    for (int v = 0; v < JV; ++v) col[v] = load(a + j0 + v * W);
     for (int kr = 0; kr < KR; ++kr) {
-      const V p = splat<V>(widen(bk[kr]));
+      const V p = splat<V>(widen(b[k0 + kr]));
       for (int v = 0; v < JV; ++v) sum[kr][v] += p * col[v];
     }
   });
@@ -785,9 +781,10 @@ void product(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T*
 }
 
 // The rows grads sums a chunk at a time: as many as leave their operands (dz's and the previous
-// states' rows, H values each, and the inputs', I) in half of a 48 KiB L1, so that every tile of
-// the sums reads them from there. One pass over all rows per tile streamed them from L2 once per
-// tile, and took twice the multiply-adds' time (grad W_hh at (176, 25, 1, 32): 4 tiles).
+// states' rows, H values each, and the inputs', I) in half of a 48 KiB L1 (three quarters of a
+// 32 KiB one), so that every tile of the sums reads them from there. One pass over all rows per
+// tile streamed them from L2 once per tile, and took twice the multiply-adds' time (grad W_hh at
+// (176, 25, 1, 32): 4 tiles).
 constexpr int64_t kChunkBytes = 24 << 10;
 // Past H = 96 the chunk is kMinChunkRows rows, for the sums' loads and stores of `acc` (once
 // per tile and chunk) to stay a small share of the tiles' multiply-adds.
@@ -923,13 +920,9 @@ void grads(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h
     return;
   }
   using C = typename Accumulator<T>::type;
-  using V = vec<T>;
   constexpr int W = kLanes<T>;
   const int64_t H = s.hidden, I = input;
   C* acc = static_cast<C*>(acc_v);
-  C* acc_hh = acc;
-  C* acc_ih = acc + H * H;
-  C* acc_b = acc_ih + I * H;
   // The rows a chunk at a time (their dz, previous states and inputs stay in L1 while every tile
   // of the sums passes over them): grad W_hh, dz rows against the states they continue; grad W_ih,
   // against the inputs; grad b, their sum.
@@ -1014,7 +1007,6 @@ void project_univariate(T* out, const Univariate<T>& u, int64_t rows, int64_t hi
 
 template <typename T>
 void activate(T* y, int64_t n, bool relu) {
-  using V = vec<T>;
   int64_t i = 0;
   for (; i + kLanes<T> <= n; i += kLanes<T>) store(y + i, act_vec(load(y + i), relu));
   for (; i < n; ++i) y[i] = narrow<T>(act_scalar(widen(y[i]), relu));
@@ -1022,7 +1014,6 @@ void activate(T* y, int64_t n, bool relu) {
 
 template <typename T>
 void mul_dact(T* g, const T* y, int64_t n, bool relu) {
-  using V = vec<T>;
   int64_t i = 0;
   for (; i + kLanes<T> <= n; i += kLanes<T>)
     store(g + i, load(g + i) * dact_vec(load(y + i), relu));

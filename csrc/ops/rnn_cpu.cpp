@@ -360,6 +360,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_gr
   return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b};
 }
 
+// b_ih + b_hh in the kernels' compute type C (float32 for 16-bit storage), each sum rounded once
+// to C, or empty for none: the bias the kernels' input projections add (Kernels::project, and the
+// Univariate of input size 1), by a plain loop: at small sizes an ATen call costs more than the sums.
+template <typename scalar_t, typename C>
+std::vector<C> compute_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  if (!b_ih) return {};
+  const auto bi = b_ih->expect_contiguous(), bh = b_hh->expect_contiguous();
+  const scalar_t *pi = bi->const_data_ptr<scalar_t>(), *ph = bh->const_data_ptr<scalar_t>();
+  std::vector<C> sum(bi->numel());
+  for (size_t j = 0; j < sum.size(); ++j) sum[j] = static_cast<C>(pi[j]) + static_cast<C>(ph[j]);
+  return sum;
+}
+
 // The input projection of every step by the kernels (Kernels::project): W_ih^T and the bias sum
 // in the kernels' compute type once per call (float32 for 16-bit storage: an I x H copy, as
 // recurrent_matrix makes of W_hh), then the rows split over ATen's pool when the work is worth it.
@@ -370,15 +383,13 @@ at::Tensor kernel_projection(const Kernels<storage_t<scalar_t>>& k, const at::Te
   using C = typename Accumulator<S>::type;
   const int64_t N = rows.size(0), I = rows.size(1), H = w_ih.size(0);
   const at::Tensor w_t = std::is_same_v<C, float> ? float_copy(w_ih.t()) : w_ih.t().contiguous();
-  constexpr at::ScalarType compute = c10::CppTypeToScalarType<C>::value;
-  at::Tensor bias;
-  if (b_ih) bias = b_ih->to(compute) + b_hh->to(compute);  // summed unrounded, as for univariate input (Univariate)
+  const std::vector<C> bias = compute_bias<scalar_t, C>(b_ih, b_hh);
   at::Tensor out = at::detail::empty_cpu({N, H}, rows.scalar_type(), /*pin_memory=*/false);
   const auto xc = rows.expect_contiguous();
   const int64_t grain = std::max<int64_t>(1, knobs::cpu_parallel_min_work.get() / std::max<int64_t>(1, I * H));
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
     k.project(ptr<scalar_t>(out) + r0 * H, cptr<scalar_t>(*xc) + r0 * I, w_t.const_data_ptr<C>(),
-              bias.defined() ? bias.const_data_ptr<C>() : nullptr, r1 - r0, I, H);
+              b_ih ? bias.data() : nullptr, r1 - r0, I, H);
   });
   return out;
 }
@@ -433,21 +444,17 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& x, const at::Te
     // project_univariate (the same values, from the same w and bias sum).
     using C = typename Accumulator<S>::type;
     const bool fold = l.input == 1 && choice.path == autotune::Path::kKernels;
-    const auto xc = rows.expect_contiguous();  // out here: the tiles read x through `univariate`
+    c10::MaybeOwned<at::Tensor> xc;  // input size 1: x, which the tiles read through `univariate`
     std::vector<C> u_w, u_bias;
     Univariate<S> univariate;
     // The input projection of every step at once; the recurrence then updates it in place.
     if (l.input == 1) {
       out = at::empty({l.rows, H}, x.options());
+      xc = rows.expect_contiguous();
       const auto wc = w_ih.expect_contiguous();
       const scalar_t* w = wc->const_data_ptr<scalar_t>();
       u_w.assign(w, w + H);
-      if (b_ih) {
-        const auto bic = b_ih->expect_contiguous(), bhc = b_hh->expect_contiguous();
-        const scalar_t *bi = bic->const_data_ptr<scalar_t>(), *bh = bhc->const_data_ptr<scalar_t>();
-        u_bias.resize(H);
-        for (int64_t j = 0; j < H; ++j) u_bias[j] = static_cast<C>(bi[j]) + static_cast<C>(bh[j]);
-      }
+      u_bias = compute_bias<scalar_t, C>(b_ih, b_hh);
       univariate = {cptr<scalar_t>(*xc), u_w.data(), b_ih ? u_bias.data() : nullptr};
       if (!fold) k.project_univariate(ptr<scalar_t>(out), univariate, l.rows, H);
     } else {

@@ -764,8 +764,8 @@ inline void product_rows(const T* a, int64_t H, const T* m, int64_t width, const
 // `tail` is tail_columns(m, H, width, width / W * W), which callers making many products with
 // one m build once.
 template <typename T>
-void product_with(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T* out, const T* bias,
-                  const T* tail) {
+void product_with(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T* out, const T* tail,
+                  const T* bias = nullptr) {
   int64_t r = 0;
   for (; r + kMaxRows <= count; r += kMaxRows)
     product_rows<T, kMaxRows>(a + r * H, H, m, width, bias, tail, out + r * width);
@@ -777,7 +777,7 @@ void product_with(const T* a, int64_t count, int64_t H, const T* m, int64_t widt
 template <typename T>
 void product(const T* a, int64_t count, int64_t H, const T* m, int64_t width, T* out, const T* bias = nullptr) {
   constexpr int W = kLanes<T>;
-  product_with(a, count, H, m, width, out, bias, tail_columns(m, H, width, width / W * W).data());
+  product_with(a, count, H, m, width, out, tail_columns(m, H, width, width / W * W).data(), bias);
 }
 
 // The rows grads sums a chunk at a time: as many as leave their operands (dz's and the previous
@@ -949,7 +949,7 @@ void grads(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h
   const std::vector<T> tail = tail_columns(w_ih, H, I, I / W * W);
   if (r0 == 0 && r1 == s.batch) {  // all rows: one block, so that tiles span steps (at B = 1 too)
     const Step last = step_at(s, s.seq_len - 1);
-    product_with(dz, last.offset + last.batch_size, H, w_ih, I, grad_x, static_cast<const T*>(nullptr), tail.data());
+    product_with(dz, last.offset + last.batch_size, H, w_ih, I, grad_x, tail.data());
     return;
   }
   for (int64_t t = 0; t < s.seq_len; ++t) {
@@ -957,7 +957,7 @@ void grads(const Sequence& s, int64_t input, const T* dz, const T* x, const T* h
     const int64_t active = std::min(r1, step.batch_size);
     if (active <= r0) break;
     const int64_t n = step.offset + r0;
-    product_with(dz + n * H, active - r0, H, w_ih, I, grad_x + n * I, static_cast<const T*>(nullptr), tail.data());
+    product_with(dz + n * H, active - r0, H, w_ih, I, grad_x + n * I, tail.data());
   }
 }
 

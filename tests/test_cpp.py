@@ -597,6 +597,52 @@ def test_kernel_grads_split_over_steps_match_torch(dtype, x_grad, B):
         _on_threads(2, lambda: check_module(ref, ours, make, dtype))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_kernel_backward_in_blocks_of_rows_matches_one_thread_and_torch(dtype, packed, threads):
+    # On several threads the tiles' reverse recurrence and the kernels' gradients hand each
+    # thread's block of rows a dz and a grad x of its own, gathered after: 5 rows in blocks of 3
+    # and 2 (two threads) or 2, 2 and 1 (three), packed sequences ending at different steps.
+    # A row's dz does not depend on the split; its grad x and grad h0 are the same dot products
+    # (in register tiles of other row counts, whose contracted multiply-adds may round the last
+    # bit otherwise); the weight gradients are the same sums in another order. float32 and
+    # float64 are also checked against torch.nn.
+    torch.manual_seed(3)
+    rnn = myrnn_fast.RNN(6, 40, backend="cpp").to(dtype)
+    lengths = [60, 60, 51, 33, 2] if packed else [60] * 5  # 60 x 5 x 40 x 40 exceeds cpu_parallel_min_work
+    seqs = [torch.randn(n, 6, dtype=dtype) for n in lengths]
+
+    def grads():
+        xs = [s.clone().requires_grad_() for s in seqs]
+        h0 = torch.randn(1, 5, 40, dtype=dtype, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        x = pack_sequence(xs) if packed else torch.stack(xs, 1)
+        out, h_n = rnn(x, h0)
+        out = out.data if packed else out
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum() + (h_n * h_n).sum()
+        return torch.autograd.grad(loss, [*xs, h0, *rnn.parameters()], allow_unused=True)
+
+    with config.override(cpu_grads="kernels", cpu_path="tiles"):
+        split, alone = _on_threads(threads, grads), _on_threads(1, grads)
+    rows = len(seqs) + 1  # the inputs' and h0's gradients, then the weights'
+    for i, (a, b) in enumerate(zip(split, alone)):
+        if i >= rows and dtype == torch.float32:  # 300-term sums with cancellation, reordered
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"gradient {i}: {m}")
+        else:
+            assert_close(a, b, dtype, f"gradient {i}")
+    if dtype in (torch.float32, torch.float64) and packed:
+        ref = torch.nn.RNN(6, 40).to(dtype)
+        ref.load_state_dict(rnn.state_dict())
+
+        def make():
+            xs = [s.clone().requires_grad_() for s in seqs]
+            h0 = torch.randn(1, 5, 40, dtype=dtype, generator=torch.Generator().manual_seed(4))
+            return (pack_sequence(xs), h0), xs
+
+        with config.override(cpu_grads="kernels", cpu_path="tiles"):
+            _on_threads(threads, lambda: check_module(ref, rnn, make, dtype))
+
+
 def test_kernel_grads_split_over_steps_in_bfloat16_match_one_thread():
     # torch.nn's bfloat16 gradients round every step's intermediates, so they are no reference
     # for a 64-step sum; one thread (no split) is: the same float32 sums in another order, each

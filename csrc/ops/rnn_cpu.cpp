@@ -31,6 +31,7 @@
 
 #include <string>
 #include <chrono>
+#include <cstring>
 #include <string_view>
 #include <type_traits>
 #include <vector>
@@ -255,6 +256,18 @@ void for_rows(int64_t batch, int64_t work, const F& fn) {
   at::parallel_for(0, batch, 1, fn);
 }
 
+// fn(part, r0, r1) over [0, batch) rows in `parts` even blocks of consecutive rows, block `part`
+// on one thread of ATen's pool: for_rows's split, by block index, so that two parallel regions
+// can hand each block a buffer of its own (dz_parts).
+template <typename F>
+void for_parts(int64_t batch, int64_t parts, const F& fn) {
+  const int64_t size = (batch + parts - 1) / parts;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      if (p * size < batch) fn(p, p * size, std::min(batch, (p + 1) * size));
+  });
+}
+
 // fn(begin, end) over [0, n) elements, split when large.
 template <typename F>
 void for_elements(int64_t n, const F& fn) {
@@ -310,10 +323,11 @@ PathChoice choose_projection(const Layout& l, at::ScalarType dtype) {
 
 // rnn_backward's gradients (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b) from dz by the kernels:
 // each thread of ATen's pool sums its share of rows into an accumulator of its own, in float32
-// (float64 for float64), and one pass adds those and rounds each gradient once.
+// (float64 for float64), and one pass adds those and rounds each gradient once. With dz_parts > 1,
+// dz is [dz_parts, N, H] and block p of for_parts's rows is in dz[p] (see dz_parts).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_grads(
     const at::Tensor& dz, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& y, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const Layout& l, bool need_grad_x) {
+    const at::Tensor& w_hh, const Layout& l, bool need_grad_x, int64_t dz_parts) {
   const int64_t B = l.batch, H = l.hidden, I = l.input, N = l.rows;
   const auto type = x.scalar_type();
   auto empty = [&](at::IntArrayRef sizes) { return at::detail::empty_cpu(sizes, type, /*pin_memory=*/false); };
@@ -346,6 +360,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_gr
                 cptr<scalar_t>(y) + row * H, cptr<scalar_t>(*wi), cptr<scalar_t>(w_hh), mine(),
                 need_grad_x ? ptr<scalar_t>(grad_x) + row * I : nullptr, gh0, 0, B);
       });
+    } else if (dz_parts > 1) {
+      // Each block of rows reads its own dz, and writes its grad x rows into a part of its own
+      // too (in grad_x a step's rows of all blocks share cache lines), gathered after.
+      const at::Tensor gx_parts = need_grad_x ? empty({dz_parts, N, I}) : at::Tensor();
+      for_parts(B, dz_parts, [&](int64_t p, int64_t r0, int64_t r1) {
+        k.grads(s, I, cptr<scalar_t>(dz) + p * N * H, cptr<scalar_t>(*xc), cptr<scalar_t>(*h0c), cptr<scalar_t>(y),
+                cptr<scalar_t>(*wi), cptr<scalar_t>(w_hh), mine(),
+                need_grad_x ? ptr<scalar_t>(gx_parts) + p * N * I : nullptr, ptr<scalar_t>(grad_h0), r0, r1);
+      });
+      if (need_grad_x) {
+        const int64_t size = (B + dz_parts - 1) / dz_parts;  // for_parts's blocks
+        const S* from = cptr<scalar_t>(gx_parts);
+        S* to = ptr<scalar_t>(grad_x);
+        for (int64_t t = 0; t < s.seq_len; ++t) {
+          const Step step = step_at(s, t);
+          for (int64_t p = 0; p * size < step.batch_size; ++p) {
+            const int64_t n = step.offset + p * size, count = std::min(step.batch_size, (p + 1) * size) - p * size;
+            std::memcpy(to + n * I, from + p * N * I + n * I, count * I * sizeof(S));
+          }
+        }
+      }
     } else {
       for_rows(B, work, [&](int64_t r0, int64_t r1) {
         k.grads(s, I, cptr<scalar_t>(dz), cptr<scalar_t>(*xc), cptr<scalar_t>(*h0c), cptr<scalar_t>(y),
@@ -356,7 +391,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_gr
     k.grads_finish(acc.data(), parts, stride, H, I, ptr<scalar_t>(grad_w_hh), ptr<scalar_t>(grad_w_ih),
                    ptr<scalar_t>(grad_b));
   });
-  (void)N;
   return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b};
 }
 
@@ -540,19 +574,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const auto [go, ghn] = incoming_grads(grad_out, grad_h_n, x, out, l);
   const at::Tensor y = out.reshape({N, H}).contiguous();
   const at::Tensor w = w_hh.contiguous();
-  at::Tensor dz = at::empty({N, H}, y.options());
+  const PathChoice choice = choose_path(l, x.scalar_type(), /*backward=*/true);
+  const PathChoice grads_choice = choose_grads(l, x.scalar_type(), need_grad_x);
+  // Where the tiles' reverse recurrence and the kernels' gradients both split the rows over the
+  // pool (known paths, a batch of at least one row per thread), each block of rows gets a dz of
+  // its own ([dz_parts, N, H], each part written only at its block's rows). In one [N, H] dz a
+  // thread's rows are one block of every step's span, between other threads' blocks: every
+  // cache line beside its own is one another core is writing or has just written, and the
+  // prefetchers fetch those, so the cores trade lines for the whole sequence. At (176, 25, 1, 32)
+  // on 2 threads that took a third of both passes' time. The cost: dz_parts times dz's memory
+  // for the backward's duration, where the kernels run (small sizes).
+  const int64_t threads = at::get_num_threads();
+  const bool split = !getenv("NOSPLIT") && choice.path == autotune::Path::kKernels && grads_choice.path == autotune::Path::kKernels &&
+                     threads > 1 && B >= threads && N * H * H >= knobs::cpu_parallel_min_work.get();
+  const int64_t dz_parts = split ? threads : 1;
+  at::Tensor dz = split ? at::empty({dz_parts, N, H}, y.options()) : at::empty({N, H}, y.options());
 
   MYRNN_DISPATCH(x.scalar_type(), "myrnn_fast::rnn_backward", [&] {
     using S = storage_t<scalar_t>;
     const auto& k = kernels<S>();
     const auto* go_p = go.defined() ? cptr<scalar_t>(go) : nullptr;
     const auto* ghn_p = ghn.defined() ? cptr<scalar_t>(ghn) : nullptr;
-    // The reverse recurrence into `d` (every element written) by one path.
-    const auto tiles = [&](const Kernels<S>& kt, const Sequence& s, const at::Tensor& d) {
+    // The reverse recurrence into `d` (every element written, or with `parts` > 1 each part at
+    // its block's rows) by one path.
+    const auto tiles = [&](const Kernels<S>& kt, const Sequence& s, const at::Tensor& d, int64_t parts = 1) {
       const at::Tensor m = recurrent_matrix(kt, w);
-      for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) {
-        kt.backward(s, ptr<scalar_t>(d), go_p, ghn_p, cptr<scalar_t>(y), m.const_data_ptr(), relu, r0, r1);
-      });
+      const auto rows = [&](S* dst, int64_t r0, int64_t r1) {
+        kt.backward(s, dst, go_p, ghn_p, cptr<scalar_t>(y), m.const_data_ptr(), relu, r0, r1);
+      };
+      if (parts > 1)
+        for_parts(B, parts, [&](int64_t p, int64_t r0, int64_t r1) { rows(ptr<scalar_t>(d) + p * N * H, r0, r1); });
+      else
+        for_rows(B, N * H * H, [&](int64_t r0, int64_t r1) { rows(ptr<scalar_t>(d), r0, r1); });
     };
     const auto recur = [&](autotune::Path path, const at::Tensor& d) {
       if (path == autotune::Path::kKernels) {
@@ -562,7 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
           const at::Tensor d_copy = at::empty({rows, H}, d.options());
           return seconds_of([&] { tiles(candidate, first, d_copy); });
         });
-        return tiles(kt, l.sequence(), d);
+        return tiles(kt, l.sequence(), d, d.dim() == 3 ? d.size(0) : 1);
       }
       gemm_backward(d, go, ghn, y, w, l, [&](const at::Tensor& g_t, const at::Tensor& y_t) {
         auto* g = ptr<scalar_t>(g_t);
@@ -570,7 +623,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
         for_elements(g_t.numel(), [&](int64_t i0, int64_t i1) { k.mul_dact(g + i0, yp + i0, i1 - i0, relu); });
       });
     };
-    const PathChoice choice = choose_path(l, x.scalar_type(), /*backward=*/true);
     if (choice.path) return recur(*choice.path, dz);
     at::Tensor dzs[2];
     const autotune::Path winner = autotune::measure(choice.key, [&](autotune::Path path) {
@@ -581,16 +633,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     dz = dzs[static_cast<int>(winner)];
   });
   const auto grads = [&](autotune::Path path) {
-    if (path == autotune::Path::kKernels) return kernel_grads(dz, x, h0, y, w_ih, w, l, need_grad_x);
+    if (path == autotune::Path::kKernels) return kernel_grads(dz, x, h0, y, w_ih, w, l, need_grad_x, dz_parts);
     if (slow_gemm(x.scalar_type()))
       return in_float32(layer_grads, x.scalar_type(), dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
     return layer_grads(dz, x, h0, y, w_ih, w, ghn, l, need_grad_x);
   };
-  const PathChoice choice = choose_grads(l, x.scalar_type(), need_grad_x);
-  if (choice.path) return grads(*choice.path);
+  if (grads_choice.path) return grads(*grads_choice.path);
   decltype(grads(autotune::Path::kGemm)) results[2];
   const autotune::Path winner = autotune::measure(
-      choice.key,
+      grads_choice.key,
       [&](autotune::Path path) {
         const int i = static_cast<int>(path);
         return seconds_of([&] { results[i] = grads(path); });

@@ -317,6 +317,46 @@ template <typename T> inline T dact_scalar(T y, bool relu) {
   return 1 - y * y;
 }
 
+// The first n < kLanes<S> values of S at p, the other lanes zero; and the first n lanes of v
+// stored at p: a row's last, partial vector, without touching memory past it. With AVX-512 a
+// byte-masked load or store through a register-sized buffer (whole-width accesses, so the
+// buffer's store forwards to its load); elsewhere a loop of fixed length, fully unrolled (a
+// memcpy of n values would be a library call).
+template <typename S> inline vec<S> load_first(const S* p, int64_t n) {
+  constexpr int kBytes = kLanes<S> * static_cast<int>(sizeof(S));
+  alignas(64) S buffer[kLanes<S>] = {};
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BW__) && defined(__AVX512VL__)
+  const uint64_t mask = (uint64_t{1} << (n * sizeof(S))) - 1;
+  if constexpr (kBytes == 64)
+    _mm512_store_si512(buffer, _mm512_maskz_loadu_epi8(mask, p));
+  else
+    _mm256_store_si256(reinterpret_cast<__m256i*>(buffer), _mm256_maskz_loadu_epi8(static_cast<__mmask32>(mask), p));
+#else
+  (void)kBytes;
+#pragma GCC unroll 64
+  for (int c = 0; c < kLanes<S>; ++c)
+    if (c < n) buffer[c] = p[c];
+#endif
+  return load(buffer);
+}
+template <typename S> inline void store_first(S* p, vec<S> v, int64_t n) {
+  constexpr int kBytes = kLanes<S> * static_cast<int>(sizeof(S));
+  alignas(64) S buffer[kLanes<S>];
+  store(buffer, v);
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BW__) && defined(__AVX512VL__)
+  const uint64_t mask = (uint64_t{1} << (n * sizeof(S))) - 1;
+  if constexpr (kBytes == 64)
+    _mm512_mask_storeu_epi8(p, mask, _mm512_load_si512(buffer));
+  else
+    _mm256_mask_storeu_epi8(p, static_cast<__mmask32>(mask), _mm256_load_si256(reinterpret_cast<const __m256i*>(buffer)));
+#else
+  (void)kBytes;
+#pragma GCC unroll 64
+  for (int c = 0; c < kLanes<S>; ++c)
+    if (c < n) p[c] = buffer[c];
+#endif
+}
+
 enum class Epilogue { kActivate, kMulDact };
 
 // What one step computes for a block of rows: dst = epilogue(init + prev M). Row pointers are
@@ -487,7 +527,49 @@ inline void tile(const Operands<T, A, M>& o, int64_t j) {
     }
 }
 
-// R rows over all H columns: the widest register tiles, then narrower, then scalar columns.
+// R rows at the n < W columns from j that end each row: tile<T, R, 1, ...> with its loads and
+// stores cut to n lanes. Columns of m are read as whole vectors where that stays inside m (lanes
+// past n then read m's next row, and are never stored), else cut to n lanes too.
+template <typename T, int R, int S, Epilogue E, typename A, typename M>
+inline void partial_tile(const Operands<T, A, M>& o, int64_t j, int64_t n) {
+  using V = vec<T>;
+  const int64_t H = o.H;
+  V acc[S][R];
+  for (int r = 0; r < R; ++r) {
+    if (o.x) {
+      const V p = madd(splat<V>(widen(o.x[r])), load_first(o.w + j, n), o.bias ? load_first(o.bias + j, n) : V{});
+      if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>)
+        acc[0][r] = rounded<T>(p);
+      else
+        acc[0][r] = p;
+    } else {
+      acc[0][r] = o.init ? load_first(o.init + r * H + j, n) : V{};
+    }
+    for (int set = 1; set < S; ++set) acc[set][r] = V{};
+  }
+  const auto one = [&](int set, int64_t k, const V& col) {
+    for (int r = 0; r < R; ++r) acc[set][r] += splat<V>(widen(o.prev[r * H + k])) * col;
+  };
+  // Rows k whose whole vector k H + j + [0, W) lies inside m's H x H values.
+  const int64_t past = H * H - j - kLanes<T>;
+  const int64_t whole = past < 0 ? 0 : std::min(H - 1, past / H + 1);
+  int64_t k = 0;
+  for (; k + S <= whole; k += S)
+    for (int set = 0; set < S; ++set) one(set, k + set, load(o.m + (k + set) * H + j));
+  for (; k < whole; ++k) one(0, k, load(o.m + k * H + j));
+  for (; k < H; ++k) one(0, k, load_first(o.m + k * H + j, n));
+  for (int r = 0; r < R; ++r) {
+    V sum = acc[0][r];
+    for (int set = 1; set < S; ++set) sum += acc[set][r];
+    const V out = E == Epilogue::kActivate ? act_vec(sum, o.relu)
+                                           : sum * dact_vec(load_first(o.y + r * H + j, n), o.relu);
+    store_first(o.dst + r * H + j, out, n);
+    if constexpr (kScratch<T, M>) store_first(o.dst_float + r * H + j, rounded<T>(out), n);
+  }
+}
+
+// R rows over all H columns: the widest register tiles, then narrower, then the partial vector
+// that ends each row (scalar columns with bfloat16 pairs, whose m holds two rows per vector).
 template <typename T, int R, Epilogue E, typename A, typename M>
 inline void rows(const Operands<T, A, M>& o) {
   constexpr int W = kLanes<T>;
@@ -498,14 +580,31 @@ inline void rows(const Operands<T, A, M>& o) {
   if constexpr (NV > 2)
     for (; j + 2 * W <= H; j += 2 * W) tile<T, R, 2, S, E>(o, j);
   for (; j + W <= H; j += W) tile<T, R, 1, S, E>(o, j);
-  for (; j < H; ++j) {
-    for (int r = 0; r < R; ++r) {
-      using C = compute_t<T>;
-      C acc = start_scalar(o, r, j);
-      for (int64_t k = 0; k < H; ++k) acc += widen(o.prev[r * H + k]) * widen(o.m[m_index<M>(k, j, H)]);
-      o.dst[r * H + j] = narrow<T>(E == Epilogue::kActivate ? act_scalar(acc, o.relu)
-                                                            : acc * dact_scalar(widen(o.y[r * H + j]), o.relu));
-      if constexpr (kScratch<T, M>) o.dst_float[r * H + j] = widen(o.dst[r * H + j]);
+  if (j == H) return;
+  if constexpr (!(std::is_same_v<M, bf16> && kPairs)) {
+    partial_tile<T, R, S, E>(o, j, H - j);
+    return;
+  }
+  // The columns past the last full vector (all of them where H < W), as scalars: every column's
+  // sum over k at once, so that their multiply-adds are independent chains (one chain per
+  // column, k inner, is latency-bound: H x 4 cycles a column). Each sum runs over k in order.
+  using C = compute_t<T>;
+  const int64_t n = H - j;
+  for (int r = 0; r < R; ++r) {
+    C acc[W];
+    for (int64_t c = 0; c < n; ++c) acc[c] = start_scalar(o, r, j + c);
+    for (int64_t k = 0; k < H; ++k) {
+      const C p = widen(o.prev[r * H + k]);
+      for (int64_t c = 0; c < n; ++c) acc[c] += p * widen(o.m[m_index<M>(k, j + c, H)]);
+    }
+    // The activation as one vector (libm's tanh per element took more than the sums).
+    vec<T> z{};
+    for (int64_t c = 0; c < n; ++c) z[c] = acc[c];
+    if constexpr (E == Epilogue::kActivate) z = act_vec(z, o.relu);
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t at = r * H + j + c;
+      o.dst[at] = narrow<T>(E == Epilogue::kActivate ? z[c] : z[c] * dact_scalar(widen(o.y[at]), o.relu));
+      if constexpr (kScratch<T, M>) o.dst_float[at] = widen(o.dst[at]);
     }
   }
 }

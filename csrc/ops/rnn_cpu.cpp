@@ -581,11 +581,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   // its own ([dz_parts, N, H], each part written only at its block's rows). In one [N, H] dz a
   // thread's rows are one block of every step's span, between other threads' blocks: every
   // cache line beside its own is one another core is writing or has just written, and the
-  // prefetchers fetch those, so the cores trade lines for the whole sequence. At (176, 25, 1, 32)
-  // on 2 threads that took a third of both passes' time. The cost: dz_parts times dz's memory
-  // for the backward's duration, where the kernels run (small sizes).
+  // prefetchers fetch those, so the cores trade lines for the whole sequence. In a two-thread
+  // harness at (176, 26, 1, 32) each thread's recurrence took 56 us against 45 with a dz of its
+  // own (41 alone on the machine), its gradients 53 against 42 (37). The cost: dz_parts times
+  // dz's memory for the backward's duration, where the kernels run (small sizes).
   const int64_t threads = at::get_num_threads();
-  const bool split = !getenv("NOSPLIT") && choice.path == autotune::Path::kKernels && grads_choice.path == autotune::Path::kKernels &&
+  const bool split = choice.path == autotune::Path::kKernels && grads_choice.path == autotune::Path::kKernels &&
                      threads > 1 && B >= threads && N * H * H >= knobs::cpu_parallel_min_work.get();
   const int64_t dz_parts = split ? threads : 1;
   at::Tensor dz = split ? at::empty({dz_parts, N, H}, y.options()) : at::empty({N, H}, y.options());

@@ -256,12 +256,15 @@ void for_rows(int64_t batch, int64_t work, const F& fn) {
   at::parallel_for(0, batch, 1, fn);
 }
 
+// The rows of each of for_parts's blocks (the last may have fewer).
+inline int64_t part_rows(int64_t batch, int64_t parts) { return (batch + parts - 1) / parts; }
+
 // fn(part, r0, r1) over [0, batch) rows in `parts` even blocks of consecutive rows, block `part`
 // on one thread of ATen's pool: for_rows's split, by block index, so that two parallel regions
 // can hand each block a buffer of its own (dz_parts).
 template <typename F>
 void for_parts(int64_t batch, int64_t parts, const F& fn) {
-  const int64_t size = (batch + parts - 1) / parts;
+  const int64_t size = part_rows(batch, parts);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       if (p * size < batch) fn(p, p * size, std::min(batch, (p + 1) * size));
@@ -370,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_gr
                 need_grad_x ? ptr<scalar_t>(gx_parts) + p * N * I : nullptr, ptr<scalar_t>(grad_h0), r0, r1);
       });
       if (need_grad_x) {
-        const int64_t size = (B + dz_parts - 1) / dz_parts;  // for_parts's blocks
+        const int64_t size = part_rows(B, dz_parts);  // for_parts's blocks
         const S* from = cptr<scalar_t>(gx_parts);
         S* to = ptr<scalar_t>(grad_x);
         for (int64_t t = 0; t < s.seq_len; ++t) {
@@ -616,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
           const at::Tensor d_copy = at::empty({rows, H}, d.options());
           return seconds_of([&] { tiles(candidate, first, d_copy); });
         });
-        return tiles(kt, l.sequence(), d, d.dim() == 3 ? d.size(0) : 1);
+        return tiles(kt, l.sequence(), d, dz_parts);  // 1 wherever the paths are being measured
       }
       gemm_backward(d, go, ghn, y, w, l, [&](const at::Tensor& g_t, const at::Tensor& y_t) {
         auto* g = ptr<scalar_t>(g_t);

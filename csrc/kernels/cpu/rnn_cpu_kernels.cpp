@@ -322,11 +322,15 @@ template <typename T> inline T dact_scalar(T y, bool relu) {
 // byte-masked load or store through a register-sized buffer (whole-width accesses, so the
 // buffer's store forwards to its load); elsewhere a loop of fixed length, fully unrolled (a
 // memcpy of n values would be a library call).
+#if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BW__) && defined(__AVX512VL__)
+// The byte mask of n values of S.
+template <typename S> inline uint64_t first_bytes(int64_t n) { return (uint64_t{1} << (n * sizeof(S))) - 1; }
+#endif
 template <typename S> inline vec<S> load_first(const S* p, int64_t n) {
   constexpr int kBytes = kLanes<S> * static_cast<int>(sizeof(S));
   alignas(64) S buffer[kLanes<S>] = {};
 #if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BW__) && defined(__AVX512VL__)
-  const uint64_t mask = (uint64_t{1} << (n * sizeof(S))) - 1;
+  const uint64_t mask = first_bytes<S>(n);
   if constexpr (kBytes == 64)
     _mm512_store_si512(buffer, _mm512_maskz_loadu_epi8(mask, p));
   else
@@ -344,7 +348,7 @@ template <typename S> inline void store_first(S* p, vec<S> v, int64_t n) {
   alignas(64) S buffer[kLanes<S>];
   store(buffer, v);
 #if MYRNN_VECTOR_BYTES == 64 && defined(__AVX512BW__) && defined(__AVX512VL__)
-  const uint64_t mask = (uint64_t{1} << (n * sizeof(S))) - 1;
+  const uint64_t mask = first_bytes<S>(n);
   if constexpr (kBytes == 64)
     _mm512_mask_storeu_epi8(p, mask, _mm512_load_si512(buffer));
   else

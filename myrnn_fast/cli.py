@@ -55,6 +55,7 @@ def collect_info() -> dict:
         "numba_kernels": numba_kernels_info(),
         "config": config.describe(),
         "autotune": autotune.choices(),
+        "numba_splits": [] if registry.unavailable_reason("numba") else registry.implementation("numba").split_choices(),
     }
 
 
@@ -105,6 +106,13 @@ def _print_info(info: dict) -> None:
         layer = f"H={c['hidden']}" + (f" I={c['input']}" if c["input"] else "")
         print(f"  {c['pass']:<8} {layer} B<={c['batch_max']} T<={c['steps_max']} {c['dtype']} {c['threads']} threads "
               f"{c['isa']}: {c['path']} ({times or 'loaded'})")
+    print("numba per-step product splits chosen by measurement (knob numba_gemm_split; in this process)")
+    if not info["numba_splits"]:
+        print("  none yet: each kind of call is measured when first run")
+    for c in info["numba_splits"]:
+        times = ", ".join(f"{split} {ms:.3f} ms" for split, ms in c["times_ms"].items())
+        print(f"  {c['pass']:<8} H={c['hidden']} B<={c['batch_max']} T<={c['steps_max']} {c['dtype']} "
+              f"{c['threads']} threads: {c['split']} ({times})")
     print("configuration (myrnn_fast.config; each knob's variable sets it at import)")
     for knob in info["config"]:
         origin = "" if knob["source"] == "default" else f", from {knob['source']}; default {knob['default']}"

@@ -130,6 +130,13 @@ KNOBS: dict[str, Knob] = {
         Knob("numba_gemm_min_hidden", int, 128, "numba",
              "hidden size from which the numba kernels do each step's product as one BLAS call "
              "(below it the hand loops keep W_hh in L1/L2 and pay no call)", minimum=1),
+        Knob("numba_gemm_split", str, "auto", "numba",
+             "how several threads share the numba kernels' per-step BLAS products: rows (each its "
+             "batch rows through the whole sequence, never waiting, each reading all of W_hh every "
+             "step), columns (each a block of W_hh's columns, which stays in its core's cache, "
+             "joined every step), auto (both measured on each kind of call's first use, the "
+             "faster kept for the process)",
+             choices=("auto", "rows", "columns")),
         Knob("numba_parallel_min_work", int, 200_000, "numba",
              "multiply-adds below which the numba kernels run on one thread", minimum=0),
         Knob("numba_parallel_min_rows", int, 4, "numba",

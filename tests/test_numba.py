@@ -40,12 +40,12 @@ def test_kernels_are_cached_on_disk(compiled):
     cache = Path(compiled["cache_dir"])
     indexes = list(cache.glob("_numba_kernels.*.nbi"))
     assert indexes, f"no numba cache index in {cache}"
-    assert compiled["cache_hits"] + compiled["cache_misses"] == 20  # 10 kernels x 2 dtypes
+    assert compiled["cache_hits"] + compiled["cache_misses"] == 24  # 12 kernels x 2 dtypes
 
 
 def test_a_second_process_loads_from_the_cache(compiled):
     info = _child("import json; from myrnn_fast.backends import _numba; print(json.dumps(_numba.warm_up()))")
-    assert info["cache_misses"] == 0 and info["cache_hits"] == 20
+    assert info["cache_misses"] == 0 and info["cache_hits"] == 24
     assert info["cache_dir"] == compiled["cache_dir"]
 
 
@@ -208,6 +208,76 @@ def test_parallel_path_matches_the_torch_backend(compiled, nonlinearity, batch_s
     if _numba._threads(B, rows * H * H) < 2:
         pytest.skip("a single torch thread here: the parallel path does not run")
     _compare_with_torch_backend(T, B, 3, H, batch_sizes, torch.float64, nonlinearity)
+
+
+# Several threads with per-step BLAS products: each thread its batch rows, or each its block of
+# W_hh's columns (131 columns on 2 threads: a last block padded with a zero column), and auto,
+# which measures both on a kind of call's first use.
+_SPLIT_KNOBS = dict(numba_parallel_min_work=0, numba_parallel_min_rows=1)
+
+
+def _split_threads(B, H) -> int:
+    with config.override(**_SPLIT_KNOBS):
+        return _numba._threads(B, H * H)
+
+
+@pytest.mark.parametrize("split", ["rows", "columns"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("batch_sizes", [None, [8, 8, 6, 5, 5, 3, 1]], ids=["dense", "packed"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("hidden", [128, 131], ids=["H128", "H131"])
+def test_gemm_split_matches_the_torch_backend(compiled, split, dtype, batch_sizes, nonlinearity, hidden):
+    if _split_threads(8, hidden) < 2:
+        pytest.skip("a single thread here: the steps are not split")
+    _numba.clear_split_choices()
+    with config.override(numba_gemm_split=split, **_SPLIT_KNOBS):
+        _compare_with_torch_backend(7, 8, 5, hidden, batch_sizes, dtype, nonlinearity)
+    assert _numba.split_choices() == []  # a forced split measures nothing
+
+
+def test_auto_split_measures_each_kind_of_call_once(compiled, monkeypatch):
+    if _split_threads(8, 40) < 2:
+        pytest.skip("a single thread here: the steps are not split")
+    _numba.clear_split_choices()
+    runs = {"forward_parallel": 0, "forward_columns": 0, "backward_parallel": 0, "backward_columns": 0}
+    for name in runs:
+        kernel = getattr(_numba_kernels, name)
+
+        def counted(*args, _kernel=kernel, _name=name):
+            runs[_name] += 1
+            return _kernel(*args)
+
+        monkeypatch.setattr(_numba_kernels, name, counted)
+    with config.override(numba_gemm_split="auto", numba_gemm_min_hidden=32, **_SPLIT_KNOBS):
+        for _ in range(3):  # the first call measures, the later ones reuse the choice
+            _compare_with_torch_backend(6, 8, 3, 40, None, torch.float64)
+        choices = _numba.split_choices()
+        assert sorted(c["pass"] for c in choices) == ["backward", "forward"]
+        for c in choices:
+            assert c["split"] in ("rows", "columns") and set(c["times_ms"]) == {"rows", "columns"}
+            assert (c["hidden"], c["batch_max"], c["steps_max"], c["dtype"]) == (40, 8, 8, "float64")
+        chosen = {c["pass"]: "parallel" if c["split"] == "rows" else "columns" for c in choices}
+        for pass_ in ("forward", "backward"):
+            other = "columns" if chosen[pass_] == "parallel" else "parallel"
+            # measured twice each, then the choice alone for the two later calls
+            assert runs[f"{pass_}_{chosen[pass_]}"] == 2 + 2 and runs[f"{pass_}_{other}"] == 2
+        _compare_with_torch_backend(6, 16, 3, 40, None, torch.float64)  # another batch class: measured again
+        assert len(_numba.split_choices()) == 4
+    _numba.clear_split_choices()
+
+
+def test_column_split_gradcheck(compiled):
+    if _split_threads(4, 5) < 2:
+        pytest.skip("a single thread here: the steps are not split")
+    leaves = [randn(*shape, seed=i).requires_grad_() for i, shape in enumerate([(5, 4, 3), (4, 5), (5, 3), (5, 5),
+                                                                                 (5,), (5,)])]
+    with config.override(numba_gemm_split="columns", numba_gemm_min_hidden=4, **_SPLIT_KNOBS):
+        for sizes in (None, torch.tensor([4, 3, 3, 1])):
+            def fn(x, h0, *weights):
+                rows = x if sizes is None else x.reshape(-1, 3)[: int(sizes.sum())]
+                return _numba.layer(rows, h0, *weights, "tanh", sizes)
+
+            assert torch.autograd.gradcheck(fn, leaves)
 
 
 # The vector tiles by rows and columns (float32 vectors hold 16 lanes, float64 8): four-row

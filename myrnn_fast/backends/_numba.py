@@ -162,12 +162,14 @@ def _recurrence(rows, h0, w_ih, w_hh, b_ih, b_hh, plan, relu) -> tuple[Tensor, T
     """The forward: the input projection as one torch GEMM, then the kernels add the rest."""
     out = input_projection(rows, w_ih, b_ih, b_hh).contiguous()
     h0c = h0.contiguous()
-    h_n = torch.empty_like(h0c)
     batch, hidden = h0.shape
-    out_, h0_, h_n_ = _view(out), _view(h0c), _view(h_n)
     gemm = _use_gemm(hidden)
-    w = _view(w_hh.t().contiguous())  # W_hh^T: the GEMM's right operand, and the tiles' rows k
     chunks = _threads(batch, out.shape[0] * hidden * hidden)
+    if chunks > 1 and gemm:
+        return _split_forward(out, h0c, w_hh, plan, relu, chunks)
+    h_n = torch.empty_like(h0c)
+    out_, h0_, h_n_ = _view(out), _view(h0c), _view(h_n)
+    w = _view(w_hh.t().contiguous())  # W_hh^T: the GEMM's right operand, and the tiles' rows k
     if chunks > 1:
         numba.set_num_threads(chunks)
         kernels.forward_parallel(out_, h0_, w, *plan, relu, h_n_, chunks, gemm, _scratch(batch, hidden, gemm, out_))
@@ -215,11 +217,13 @@ def _reverse_recurrence(plan, relu, grad_out, grad_h_n, w_hh, out) -> Tensor:
     """dz, the gradient of every row's pre-activation, from the backward kernels."""
     batch, hidden = grad_h_n.shape
     grad_out_, grad_h_n_, out_ = _view(grad_out.contiguous()), _view(grad_h_n.contiguous()), _view(out)
+    gemm = _use_gemm(hidden)
+    chunks = _threads(batch, out.shape[0] * hidden * hidden)
+    if chunks > 1 and gemm:
+        return _split_backward(grad_out_, grad_h_n_, out_, w_hh, plan, relu, chunks)
     dz = torch.empty_like(out)
     dz_ = _view(dz)
-    gemm = _use_gemm(hidden)
     w = _view(w_hh.contiguous())
-    chunks = _threads(batch, out.shape[0] * hidden * hidden)
     if chunks > 1:
         numba.set_num_threads(chunks)
         kernels.backward_parallel(dz_, grad_out_, grad_h_n_, out_, w, *plan, relu, chunks, gemm,
@@ -229,6 +233,120 @@ def _reverse_recurrence(plan, relu, grad_out, grad_h_n, w_hh, out) -> Tensor:
     else:
         kernels.backward_rows(dz_, grad_out_, grad_h_n_, out_, w, *plan, relu, 0, batch)
     return dz
+
+
+# ---------------------------------------------------------------------------------------------
+# Several threads and per-step BLAS products: how the threads share a step (knob
+# ``numba_gemm_split``). ``rows``: each thread its chunk of the batch through the whole
+# sequence (forward_parallel / backward_parallel), never waiting for the others, but each
+# streaming all of W_hh every step. ``columns``: each thread a block of W_hh's columns
+# (forward_columns / backward_columns), so it reads only its share, which can stay in its
+# core's cache, at the price of a join every step. Which wins depends on the cache sizes, the
+# batch and the hidden size, so ``auto`` measures both on a kind of call's first use and keeps
+# the faster for the process, as the cpp backend's autotuning does.
+
+_splits: dict[tuple, dict] = {}  # kind of call -> {"split", "times_ms"}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def split_choices() -> list[dict]:
+    """The split chosen for each kind of call so far in this process, with the times measured."""
+    keys = ("pass", "hidden", "batch_max", "steps_max", "dtype", "threads")
+    return [{**dict(zip(keys, key)), **choice} for key, choice in _splits.items()]
+
+
+def clear_split_choices() -> None:
+    _splits.clear()
+
+
+def _column_blocks(m: Tensor, chunks: int) -> np.ndarray:
+    """m's columns as ``chunks`` contiguous blocks, [chunks, K, w], the last padded with zeros."""
+    inner, hidden = m.shape
+    width = -(-hidden // chunks)
+    padded = m.new_zeros(inner, chunks * width)
+    padded[:, :hidden] = m
+    return _view(padded.view(inner, chunks, width).transpose(0, 1).contiguous())
+
+
+def _split(key: tuple) -> str | None:
+    """The split the knob forces, or the one measured for this kind of call; None: measure it."""
+    split = _knobs["numba_gemm_split"]
+    if split != "auto":
+        return split
+    choice = _splits.get(key)
+    return None if choice is None else choice["split"]
+
+
+def _measure(key: tuple, runs: dict) -> object:
+    """Time each candidate run twice, interleaved, keep the faster one's name for this kind of
+    call and return its result. Each run writes buffers of its own, so every result is whole."""
+    warm_up()  # the JIT (or loading from the disk cache) is not what is measured
+    best, results = {}, {}
+    for _ in range(2):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    split = min(best, key=best.get)
+    _splits[key] = {"split": split, "times_ms": {name: round(t * 1e3, 3) for name, t in best.items()}}
+    return results[split]
+
+
+def _split_key(pass_: str, batch: int, hidden: int, seq_len: int, dtype: np.dtype, chunks: int) -> tuple:
+    return (pass_, hidden, _pow2(batch), _pow2(seq_len), dtype.name, chunks)
+
+
+def _split_forward(out, h0, w_hh, plan, relu, chunks):
+    """``(out, h_n)``: the forward's recurrence over ``out``, which holds the input projection."""
+    batch, hidden = h0.shape
+    dtype = _view(out).dtype
+    h0_ = _view(h0)
+    numba.set_num_threads(chunks)
+
+    def run(split, out):
+        h_n = torch.empty_like(h0)
+        if split == "columns":
+            blocks = _column_blocks(w_hh.t(), chunks)
+            scratch = np.empty((chunks, batch, blocks.shape[2]), dtype)
+            kernels.forward_columns(_view(out), h0_, blocks, *plan, relu, _view(h_n), scratch)
+        else:
+            w = _view(w_hh.t().contiguous())
+            kernels.forward_parallel(_view(out), h0_, w, *plan, relu, _view(h_n), chunks, True,
+                                     np.empty((batch, hidden), dtype))
+        return out, h_n
+
+    key = _split_key("forward", batch, hidden, len(plan[0]), dtype, chunks)
+    split = _split(key)
+    if split is not None:
+        return run(split, out)
+    return _measure(key, {name: lambda name=name: run(name, out.clone()) for name in ("rows", "columns")})
+
+
+def _split_backward(grad_out_, grad_h_n_, out_, w_hh, plan, relu, chunks):
+    """dz from the reverse recurrence, as :func:`_split_forward` splits the forward's."""
+    batch, hidden = grad_h_n_.shape
+    dtype = out_.dtype
+    numba.set_num_threads(chunks)
+
+    def run(split):
+        dz = np.empty_like(out_)
+        if split == "columns":
+            blocks = _column_blocks(w_hh, chunks)
+            scratch = np.empty((chunks, batch, blocks.shape[2]), dtype)
+            kernels.backward_columns(dz, grad_out_, grad_h_n_, out_, blocks, *plan, relu, scratch)
+        else:
+            kernels.backward_parallel(dz, grad_out_, grad_h_n_, out_, _view(w_hh.contiguous()), *plan, relu,
+                                      chunks, True, np.empty((batch, hidden), dtype))
+        return torch.from_numpy(dz)
+
+    key = _split_key("backward", batch, hidden, len(plan[0]), dtype, chunks)
+    split = _split(key)
+    if split is not None:
+        return run(split)
+    return _measure(key, {name: lambda name=name: run(name) for name in ("rows", "columns")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,8 +574,9 @@ def warm_up() -> dict:
         return _compile_info
     _start()
     start = time.perf_counter()
-    compiled = (kernels.forward_rows, kernels.forward_parallel, kernels.forward_gemm,
-                kernels.backward_rows, kernels.backward_parallel, kernels.backward_gemm, kernels.cell,
+    compiled = (kernels.forward_rows, kernels.forward_parallel, kernels.forward_gemm, kernels.forward_columns,
+                kernels.backward_rows, kernels.backward_parallel, kernels.backward_gemm, kernels.backward_columns,
+                kernels.cell,
                 kernels.layer_forward, kernels.layer_forward_parallel, kernels.layer_backward)
     plan = _plan([1, 1])
     for dtype in (np.float32, np.float64):
@@ -470,6 +589,9 @@ def warm_up() -> dict:
         kernels.forward_gemm(out, h0, w, *args, 0, 1, h_n, h0.copy())
         kernels.backward_rows(out.copy(), out, h0, out, w, *args, 0, 1)
         kernels.backward_gemm(out.copy(), out, h0, out, w, *args, 0, 1, h0.copy())
+        blocks = np.zeros((1, 1, 1), dtype)
+        kernels.forward_columns(out, h0, blocks, *args, h_n, blocks.copy())
+        kernels.backward_columns(out.copy(), out, h0, out, blocks, *args, blocks.copy())
         address = w.ctypes.data  # every operand 1 x 1
         kernels.cell(address, address, address, address, address, address, 1, False, h_n)
         fused = (address, address, address, address, address, address, True, 1, False)

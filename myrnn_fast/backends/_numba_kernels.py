@@ -8,7 +8,9 @@ Two ways through the sequence, for the forward and for the backward:
   per-step sync; W_hh stays in L1/L2 and no call is paid per step.
 - :func:`forward_gemm` / :func:`backward_gemm`: each step's product with W_hh as one ``np.dot``,
   which Numba lowers to SciPy's BLAS; it wins once the hidden size makes that product a real GEMM.
-  The parallel kernels run these on row chunks too, each thread's BLAS call on its own rows.
+  The parallel kernels run these on row chunks too, each thread's BLAS call on its own rows;
+  :func:`forward_columns` / :func:`backward_columns` split each step's product by columns of
+  W_hh instead, a block a thread, and join the threads every step (``_numba`` measures which).
 
 :func:`cell` is one step of ``RNNCell`` with no sequence around it, input projection included;
 :func:`layer_forward` / :func:`layer_backward` a whole small dense layer, each pass in one call.
@@ -551,6 +553,56 @@ def forward_gemm(out, h0, wt, batch_sizes, offsets, relu, lo, hi, h_n, scratch):
         np.dot(prev, wt, scratch[lo:end])
         _epilogue(acc, lo * hidden, flat, (offsets[t] + lo) * hidden, flat, flat, (end - lo) * hidden, relu, False)
     _final_states(out, h0, batch_sizes, offsets, lo, hi, h_n)
+
+
+@njit(parallel=True, **_KERNEL)
+def forward_columns(out, h0, blocks, batch_sizes, offsets, relu, h_n, scratch):
+    """The recurrence with each step's product split by output columns, one block a thread:
+    ``blocks[c]`` holds columns c*w..c*w+w of W_hh^T (w = blocks.shape[2], the last block padded
+    with zeros), so a thread reads only its share of W_hh, which can stay in its core's cache
+    from step to step, where row chunks each stream all of it. The price is a join of the
+    threads every step (each block needs every column of the previous step). ``scratch``
+    [chunks, B, w]: each block's product."""
+    hidden, width = out.shape[1], blocks.shape[2]
+    flat, acc = out.reshape(out.size), scratch.reshape(scratch.size)
+    for t in range(batch_sizes.shape[0]):
+        rows, base = batch_sizes[t], offsets[t]
+        for c in prange(blocks.shape[0]):
+            prev = h0[:rows] if t == 0 else out[offsets[t - 1] : offsets[t - 1] + rows]
+            np.dot(prev, blocks[c], scratch[c, :rows])
+            j0 = c * width
+            count = min(hidden, j0 + width) - j0
+            for b in range(rows):
+                at = (base + b) * hidden + j0
+                _epilogue(acc, (c * scratch.shape[1] + b) * width, flat, at, flat, flat, count, relu, False)
+    _final_states(out, h0, batch_sizes, offsets, 0, h0.shape[0], h_n)
+
+
+@njit(parallel=True, **_KERNEL)
+def backward_columns(dz, grad_out, grad_h_n, out, blocks, batch_sizes, offsets, relu, scratch):
+    """:func:`backward_gemm` split by columns as :func:`forward_columns`: ``blocks[c]`` holds
+    columns of W_hh (not transposed), each step's dz_{t+1} @ W_hh a block a thread."""
+    hidden, width = dz.shape[1], blocks.shape[2]
+    seq_len = batch_sizes.shape[0]
+    dzf, gof, outf, acc = dz.reshape(dz.size), grad_out.reshape(grad_out.size), out.reshape(out.size), scratch.reshape(scratch.size)
+    for t in range(seq_len - 1, -1, -1):
+        end, base = batch_sizes[t], offsets[t]
+        following = min(end, batch_sizes[t + 1]) if t + 1 < seq_len else 0
+        for c in prange(blocks.shape[0]):
+            j0 = c * width
+            j1 = min(hidden, j0 + width)
+            if following > 0:
+                np.dot(dz[offsets[t + 1] : offsets[t + 1] + following], blocks[c], scratch[c, :following])
+                for b in range(following):
+                    _epilogue(acc, (c * scratch.shape[1] + b) * width, gof, (base + b) * hidden + j0, dzf, outf,
+                              j1 - j0, relu, True)
+            for b in range(following, end):  # rows whose sequence ends at step t
+                g = dz[base + b, j0:j1]
+                go = grad_out[base + b, j0:j1]
+                hn = grad_h_n[b, j0:j1]
+                for j in range(j1 - j0):
+                    g[j] = go[j] + hn[j]
+                _times_dact(g, out[base + b, j0:j1], relu)
 
 
 @intrinsic

@@ -280,8 +280,9 @@ def test_column_split_gradcheck(compiled):
             assert torch.autograd.gradcheck(fn, leaves)
 
 
-# The vector tiles by rows and columns (float32 vectors hold 16 lanes, float64 8): four-row
-# tiles of one or two vectors, one-row tiles of one or four, and the H % lanes columns by hand,
+# The vector tiles by rows and columns (float32 vectors hold 16 lanes with AVX-512, else 8;
+# float64 half that; the cases cover both widths): four-row tiles of one or two vectors, one-row
+# tiles of one or four, and the H % lanes columns by hand,
 # with the last four-row block repeating its last row (B % 4 != 0), and packed steps whose row
 # counts fall through 4.
 _TILE_CASES = [(9, 48), (6, 40), (5, 21), (2, 64), (3, 70), (1, 17), (4, 8)]
@@ -384,8 +385,9 @@ def kernel_calls(monkeypatch):
 
 
 def _one_layer_case(dtype, nonlinearity="tanh", bias=True, batch_first=False, T=5, B=6, I=3, H=20):
-    # H = 20: one float32 vector and four columns by hand; B = 6: a four-row tile, then one that
-    # repeats its last row.
+    # H = 20: one or two float32 vectors (AVX-512 or not) and four columns by hand, for the
+    # recurrence and the input projection alike; B = 6: a four-row tile, then one that repeats
+    # its last row.
     ref, ours = rnn_pair("numba", I, H, nonlinearity=nonlinearity, bias=bias, batch_first=batch_first, dtype=dtype)
 
     def make_inputs():

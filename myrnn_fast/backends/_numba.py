@@ -282,8 +282,8 @@ def _split(key: tuple) -> str | None:
 
 def _measure(key: tuple, runs: dict) -> object:
     """Time each candidate run twice, interleaved, keep the faster one's name for this kind of
-    call and return its result. Each run writes buffers of its own, so every result is whole."""
-    warm_up()  # the JIT (or loading from the disk cache) is not what is measured
+    call and return its result. Each run writes buffers of its own, so every result is whole;
+    the better of two leaves out a first run's JIT (or its load from the disk cache)."""
     best, results = {}, {}
     for _ in range(2):
         for name, run in runs.items():

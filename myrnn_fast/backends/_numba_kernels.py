@@ -93,10 +93,11 @@ def _tanh_for(x):
 # SIMD vectors. Numba has no vector type, and LLVM does not keep hand-looped accumulators in
 # registers (the rows it would accumulate into may alias the rows it reads). So the kernels hold
 # their accumulators as LLVM vectors of the host's widest register (64 bytes with AVX-512, else
-# 32: 16 or 8 float32 lanes, 8 or 4 float64), through the few operations below. Wider than the
-# registers, LLVM splits each vector, and a 4-row, 2-vector tile's eight accumulators then take
-# all of AVX2's sixteen registers before its loads: the article's forward ran 11% slower so. Loads and stores take a flat
-# element index into a 1-D C-contiguous array and check nothing: the callers keep in bounds.
+# 32: 16 or 8 float32 lanes, 8 or 4 float64), through the few operations below. A vector wider
+# than the registers LLVM splits, and a 4-row, 2-vector tile's eight accumulators then took all
+# of AVX2's sixteen registers before its loads (the article's forward kernel ran 11% slower).
+# Loads and stores take a flat element index into a 1-D C-contiguous array and check nothing:
+# the callers keep in bounds.
 
 
 class _Vec(types.Type):

@@ -133,7 +133,7 @@ KNOBS: dict[str, Knob] = {
         Knob("numba_gemm_split", str, "auto", "numba",
              "how several threads share the numba kernels' per-step BLAS products: rows (each its "
              "batch rows through the whole sequence, never waiting, each reading all of W_hh every "
-             "step), columns (each a block of W_hh's columns, which stays in its core's cache, "
+             "step), columns (each a block of W_hh's columns, only its share read, "
              "joined every step), auto (both measured on each kind of call's first use, the "
              "faster kept for the process)",
              choices=("auto", "rows", "columns")),

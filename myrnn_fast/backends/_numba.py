@@ -271,24 +271,21 @@ def _column_blocks(m: Tensor, chunks: int) -> np.ndarray:
     return _view(padded.view(inner, chunks, width).transpose(0, 1).contiguous())
 
 
-def _split(key: tuple) -> str | None:
-    """The split the knob forces, or the one measured for this kind of call; None: measure it."""
+def _by_split(key: tuple, run, fresh_run) -> object:
+    """``run(split)`` by the split the knob forces or this kind of call measured; otherwise time
+    ``fresh_run`` (the same, into buffers of its own, so every result is whole) for each split
+    twice, interleaved, keep the faster one's name and return its result. The better of two
+    leaves out a first run's JIT (or its load from the disk cache)."""
     split = _knobs["numba_gemm_split"]
     if split != "auto":
-        return split
-    choice = _splits.get(key)
-    return None if choice is None else choice["split"]
-
-
-def _measure(key: tuple, runs: dict) -> object:
-    """Time each candidate run twice, interleaved, keep the faster one's name for this kind of
-    call and return its result. Each run writes buffers of its own, so every result is whole;
-    the better of two leaves out a first run's JIT (or its load from the disk cache)."""
+        return run(split)
+    if key in _splits:
+        return run(_splits[key]["split"])
     best, results = {}, {}
     for _ in range(2):
-        for name, run in runs.items():
+        for name in ("rows", "columns"):
             start = time.perf_counter()
-            results[name] = run()
+            results[name] = fresh_run(name)
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
     split = min(best, key=best.get)
     _splits[key] = {"split": split, "times_ms": {name: round(t * 1e3, 3) for name, t in best.items()}}
@@ -319,10 +316,7 @@ def _split_forward(out, h0, w_hh, plan, relu, chunks):
         return out, h_n
 
     key = _split_key("forward", batch, hidden, len(plan[0]), dtype, chunks)
-    split = _split(key)
-    if split is not None:
-        return run(split, out)
-    return _measure(key, {name: lambda name=name: run(name, out.clone()) for name in ("rows", "columns")})
+    return _by_split(key, lambda split: run(split, out), lambda split: run(split, out.clone()))
 
 
 def _split_backward(grad_out_, grad_h_n_, out_, w_hh, plan, relu, chunks):
@@ -343,10 +337,7 @@ def _split_backward(grad_out_, grad_h_n_, out_, w_hh, plan, relu, chunks):
         return torch.from_numpy(dz)
 
     key = _split_key("backward", batch, hidden, len(plan[0]), dtype, chunks)
-    split = _split(key)
-    if split is not None:
-        return run(split)
-    return _measure(key, {name: lambda name=name: run(name) for name in ("rows", "columns")})
+    return _by_split(key, run, run)  # each run writes a dz of its own
 
 
 # ---------------------------------------------------------------------------------------------

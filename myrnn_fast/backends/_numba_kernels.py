@@ -601,13 +601,7 @@ def backward_columns(dz, grad_out, grad_h_n, out, blocks, batch_sizes, offsets, 
                 for b in range(following):
                     _epilogue(acc, (c * scratch.shape[1] + b) * width, gof, (base + b) * hidden + j0, dzf, outf,
                               j1 - j0, relu, True)
-            for b in range(following, end):  # rows whose sequence ends at step t
-                g = dz[base + b, j0:j1]
-                go = grad_out[base + b, j0:j1]
-                hn = grad_h_n[b, j0:j1]
-                for j in range(j1 - j0):
-                    g[j] = go[j] + hn[j]
-                _times_dact(g, out[base + b, j0:j1], relu)
+            _ended_rows(dz, grad_out, grad_h_n, out, base, following, end, j0, j1, relu)
 
 
 @intrinsic
@@ -665,6 +659,19 @@ def _times_dact(g, y, relu):
             g[j] *= 1 - y[j] * y[j]
 
 
+@njit(inline="always", **_KERNEL)
+def _ended_rows(dz, grad_out, grad_h_n, out, base, b0, b1, j0, j1, relu):
+    """Columns j0..j1 of rows b0..b1 of the step at ``base``, rows whose sequence ends there:
+    dz = (grad_out + grad_h_n) * act'(z), with nothing from a following step."""
+    for b in range(b0, b1):
+        g = dz[base + b, j0:j1]
+        go = grad_out[base + b, j0:j1]
+        hn = grad_h_n[b, j0:j1]
+        for j in range(j1 - j0):
+            g[j] = go[j] + hn[j]
+        _times_dact(g, out[base + b, j0:j1], relu)
+
+
 @njit(**_KERNEL)
 def backward_rows(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo, hi):
     """Reverse recurrence for rows lo..hi: dz_t = (grad_out_t + dz_{t+1} @ W_hh) * act'(z_t),
@@ -680,13 +687,7 @@ def backward_rows(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo
         base = offsets[t]
         if following > lo:
             _step(dzf, offsets[t + 1] + lo, m, hidden, gof, dzf, outf, base + lo, following - lo, relu, True)
-        for b in range(following, end):
-            g = dz[base + b]
-            go = grad_out[base + b]
-            hn = grad_h_n[b]
-            for j in range(hidden):
-                g[j] = go[j] + hn[j]
-            _times_dact(g, out[base + b], relu)
+        _ended_rows(dz, grad_out, grad_h_n, out, base, following, end, 0, hidden, relu)
 
 
 @njit(**_KERNEL)
@@ -705,13 +706,7 @@ def backward_gemm(dz, grad_out, grad_h_n, out, w, batch_sizes, offsets, relu, lo
         if following > lo:
             np.dot(dz[offsets[t + 1] + lo : offsets[t + 1] + following], w, scratch[lo:following])
             _epilogue(acc, lo * hidden, gof, (base + lo) * hidden, dzf, outf, (following - lo) * hidden, relu, True)
-        for b in range(following, end):
-            g = dz[base + b]
-            go = grad_out[base + b]
-            hn = grad_h_n[b]
-            for j in range(hidden):
-                g[j] = go[j] + hn[j]
-            _times_dact(g, out[base + b], relu)
+        _ended_rows(dz, grad_out, grad_h_n, out, base, following, end, 0, hidden, relu)
 
 
 @njit(parallel=True, **_KERNEL)

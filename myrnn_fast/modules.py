@@ -89,6 +89,16 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
+def _recording_or_autocast() -> bool:
+    """Whether a call must take the modules' Python path whatever the backend: autocast is on, or
+    a program is being recorded (torch.compile, torch.jit.trace, torch.func), which must see the
+    registered ops."""
+    return (
+        _any_autocast() or torch.compiler.is_compiling() or torch._C._is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
 def _autocast_cast(t: Tensor | None, dtype: torch.dtype, device_type: str) -> Tensor | None:
     # Autocast's own rule (cached_cast): floating tensors on its device, except float64.
     if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.device.type != device_type:
@@ -298,8 +308,21 @@ class RNN(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input, hx: Tensor | None = None):
-        # Every line here runs on every call, and at small sizes the call is mostly this Python:
-        # each attribute and shape is read once, the usual case (dense, autocast off) first.
+        # The usual call first, whole in one C++ entry where the backend has one (cpp): a plain
+        # tensor, no program being recorded, autocast off; the entry checks the rest and returns
+        # None where the call is anything else, for the path below, which raises torch.nn's errors.
+        if type(input) is Tensor and (hx is None or type(hx) is Tensor) and not _recording_or_autocast():
+            whole = getattr(registry.cpu_kernels(self.backend), "module_forward", None)
+            if (
+                whole is not None and type(self.bidirectional) is bool
+                and not (self.dropout and self.training and self.num_layers > 1)  # masks drawn per layer below
+            ):
+                result = whole(input, hx, self._flat_weights, self.num_layers, self.bidirectional, self.bias,
+                               self.nonlinearity, self.batch_first, self.input_size, self.hidden_size)
+                if result is not None:
+                    return result
+        # Every line here runs on every other call, and at small sizes the call is mostly this
+        # Python: each attribute and shape is read once, the usual case (dense, autocast off) first.
         if isinstance(input, PackedSequence):
             if export.recording():  # its batch sizes are data: a graph would freeze them
                 raise export.packed_input_error()

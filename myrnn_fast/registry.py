@@ -159,6 +159,20 @@ def kernels(device: torch.device, name: str | None = None) -> ModuleType:
 _KERNELS: dict[tuple[str, str], ModuleType] = {}  # (requested name, device type) -> module
 
 
+def cpu_kernels(name: str | None) -> ModuleType | None:
+    """What :func:`kernels` returns for CPU tensors, without its checks for compiling and tracing
+    (for a caller that has made them), or ``None`` where ``name`` cannot run on the CPU: the
+    caller's own path then raises :func:`kernels`'s error."""
+    requested = _default if name is None else name
+    found = _KERNELS.get((requested, "cpu"))
+    if found is not None:
+        return found
+    try:
+        return _resolve(requested, "cpu")[1]
+    except (BackendUnavailableError, ValueError):
+        return None
+
+
 # torch.compile must not trace the lookup (it imports modules): dynamo runs this eagerly while
 # tracing and keeps the answer as a constant; the guard on `_default` recompiles on a change.
 @torch.compiler.assume_constant_result

@@ -27,19 +27,25 @@ CONFIGS = [(1, False), (2, False), (1, True), (3, True)]  # (num_layers, bidirec
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How often the cpp backend's whole-RNN entry ran (its backward runs inside the C++ node it
-    records: `_recorded_by_the_stack` checks that one)."""
+    """How often each of the cpp backend's whole-RNN entries ran an RNN: ``rnn_module_forward``
+    (a module's usual call whole, dense input) and ``rnn_stack`` (packed input, and each layer
+    where dropout runs layer by layer). Their backward runs inside the C++ node they record:
+    `_recorded_by_the_stack` checks that one."""
     from myrnn_fast.backends import _cpp
 
     counts = {}
-    for name in ("rnn_stack",):
-        entry = getattr(_cpp._C, name)
 
-        def counted(*args, _entry=entry, _name=name):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _entry(*args)
+    def counted(entry, name):
+        def run(*args):
+            result = entry(*args)
+            if result is not None:  # None: the module's Python path runs instead
+                counts[name] = counts.get(name, 0) + 1
+            return result
 
-        monkeypatch.setattr(_cpp._C, name, counted)
+        return run
+
+    monkeypatch.setattr(_cpp._C, "rnn_stack", counted(_cpp._C.rnn_stack, "rnn_stack"))
+    monkeypatch.setattr(_cpp, "module_forward", counted(_cpp.module_forward, "rnn_module_forward"))
     return counts
 
 
@@ -86,12 +92,13 @@ def test_stack_equals_the_per_layer_loop_and_torch_nn(calls, path, packed, bias,
     x, hx = _inputs(ours, packed)
     with config.override(cpu_path=path):
         out, h_n = ours(x, hx)
-        assert calls == {"rnn_stack": 1}
+        entry = {"rnn_stack": 1} if packed else {"rnn_module_forward": 1}
+        assert calls == entry
         data = out.data if packed else out
         assert _recorded_by_the_stack(data, h_n)
         grad_out = torch.linspace(-1, 1, data.numel(), dtype=data.dtype).reshape(data.shape)
         grads = torch.autograd.grad((data, h_n), _leaves(x, hx, ours), (grad_out, h_n.detach().cos()))
-        assert calls == {"rnn_stack": 1}
+        assert calls == entry
 
         loop_out, loop_h = _per_layer(ours, x, hx)
         loop_grads = torch.autograd.grad((loop_out, loop_h), _leaves(x, hx, ours), (grad_out, h_n.detach().cos()))
@@ -115,7 +122,7 @@ def test_stack_without_grad(calls, layers, bidirectional):
     with torch.no_grad():
         out, h_n = ours(x)
         ref_out, ref_h = ref(x)
-    assert calls == {"rnn_stack": 1}
+    assert calls == {"rnn_module_forward": 1}
     assert not out.requires_grad and not h_n.requires_grad
     _close(out, ref_out)
     _close(h_n, ref_h)
@@ -130,7 +137,7 @@ def test_stack_gradients_only_where_needed(calls):
     assert _recorded_by_the_stack(h_n)
     grads = torch.autograd.grad(h_n.sum(), list(ours.parameters()))
     ref_grads = torch.autograd.grad(ref(x)[1].sum(), list(ref.parameters()))
-    assert calls == {"rnn_stack": 1}
+    assert calls == {"rnn_module_forward": 1}
     for a, b in zip(grads, ref_grads):
         _close(a, b)
 
@@ -148,7 +155,7 @@ def test_dropout_between_layers_runs_layer_by_layer(calls):
     ours.eval()
     ref.eval()
     _close(ours(x)[0], ref(x)[0])
-    assert calls == {"rnn_stack": 4}
+    assert calls == {"rnn_stack": 3, "rnn_module_forward": 1}
 
 
 @pytest.mark.parametrize("layers,bidirectional", [(2, True)])
@@ -218,3 +225,64 @@ def test_the_node_checks_its_saved_tensors_as_autograd_does():
     assert any(t is x for t in packed) and any(t is ours.weight_hh_l0 for t in packed)
     grad = torch.autograd.grad(out.sum(), x)[0]
     assert torch.equal(grad, torch.autograd.grad(ours(x)[0].sum(), x)[0])
+
+
+def _python_path(monkeypatch, module, *args):
+    """The module's call with the whole-call entry withheld: its Python path over ``rnn_stack``."""
+    from myrnn_fast.backends import _cpp
+
+    with monkeypatch.context() as m:
+        m.setattr(_cpp, "module_forward", None)
+        return module(*args)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_whole_call_equals_the_python_path(monkeypatch, calls, batch_first, batched, with_hx, layers, bidirectional):
+    """RNN.forward's C++ entry reshapes as the module's Python path does (batch_first, unbatched
+    input, zeros for an absent hx): the same outputs and gradients, bit for bit."""
+    _, ours = rnn_pair("cpp", 3, 5, layers, bidirectional=bidirectional, batch_first=batch_first)
+    states = layers * (2 if bidirectional else 1)
+    x = randn(*(((2, 4, 3) if batch_first else (4, 2, 3)) if batched else (4, 3)), seed=1)  # B = 2, T = 4
+    hx = randn(*((states, 2, 5) if batched else (states, 5)), seed=2) if with_hx else None
+    args = (x, hx) if with_hx else (x,)
+    results = []
+    for run in (lambda: ours(*args), lambda: _python_path(monkeypatch, ours, *args)):
+        out, h_n = run()
+        grads = torch.autograd.grad((out, h_n), _leaves(x, hx, ours)[0:1] + list(ours.parameters()),
+                                    (out.detach().cos(), h_n.detach().sin()))
+        results.append((out, h_n, *grads))
+    assert calls == {"rnn_module_forward": 1, "rnn_stack": 1}
+    assert results[0][0].shape == results[1][0].shape and results[0][1].shape == results[1][1].shape
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def _declined(ours, x, hx=None):
+    from myrnn_fast.backends import _cpp
+
+    return _cpp.module_forward(x, hx, ours._flat_weights, ours.num_layers, ours.bidirectional, ours.bias,
+                               ours.nonlinearity, ours.batch_first, ours.input_size, ours.hidden_size) is None
+
+
+def test_whole_call_declines_what_the_python_path_must_answer():
+    """Every call the C++ entry does not run whole it returns as None (never an error of its own),
+    for the module's Python path, which raises torch.nn's errors or handles the case."""
+    _, ours = rnn_pair("cpp", 3, 5, 2)
+    x, hx = randn(4, 2, 3, seed=1), randn(2, 2, 5, seed=2)
+    assert not _declined(ours, x, hx) and not _declined(ours, x)
+    assert _declined(ours, randn(4, 2, 4, seed=1))  # input size
+    assert _declined(ours, randn(0, 2, 3, seed=1))  # no steps
+    assert _declined(ours, randn(4, 3, seed=1), hx)  # unbatched input, batched hx
+    assert _declined(ours, x, randn(2, 3, 5, seed=2))  # hx batch
+    assert _declined(ours, x, randn(1, 2, 5, seed=2))  # hx layers
+    assert _declined(ours, x, hx.float())  # hx dtype
+    assert _declined(ours, x.float(), hx.float())  # input dtype against the weights'
+    assert _declined(ours, randn(4, 2, 2, 3, seed=1))  # 4-D
+    assert _declined(ours, x.to("meta"))  # not on the CPU
+    assert _declined(ours, x.long())  # not floating
+    assert _declined(ours, torch.complex(x, x))
+    ours.nonlinearity = "gelu"
+    assert _declined(ours, x, hx)

@@ -165,6 +165,41 @@ at::Tensor cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih
   return RnnCell::apply(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
 }
 
+std::optional<std::tuple<at::Tensor, at::Tensor>> module_forward(const at::Tensor& input,
+                                                                 const std::optional<at::Tensor>& hx,
+                                                                 const std::vector<at::Tensor>& weights,
+                                                                 const ModuleArgs& m) {
+  // The module's checks (modules.py, RNN._check_forward_args) as one test each, in its order.
+  const stack::Spec& spec = m.spec;
+  const int64_t dim = input.dim();
+  if (!input.is_cpu() || !at::isFloatingType(input.scalar_type()) || (dim != 2 && dim != 3)) return std::nullopt;
+  if (spec.nonlinearity != "tanh" && spec.nonlinearity != "relu") return std::nullopt;
+  const bool batched = dim == 3;
+  at::Tensor x = batched ? input : input.unsqueeze(m.batch_first ? 0 : 1);
+  if (m.batch_first) x = x.transpose(0, 1);
+  const int64_t states = spec.num_layers * spec.directions(), batch = x.size(1);
+  if (x.size(0) == 0 || x.size(2) != m.input_size) return std::nullopt;
+  const at::ScalarType dtype = x.scalar_type();
+  at::Tensor h;
+  if (hx) {
+    if (hx->dim() != dim) return std::nullopt;
+    h = batched ? *hx : hx->unsqueeze(1);
+    if (h.size(0) != states || h.size(1) != batch || h.size(2) != m.hidden_size || h.scalar_type() != dtype ||
+        !h.is_cpu())
+      return std::nullopt;
+  } else {
+    h = at::zeros({states, batch, m.hidden_size}, x.options());
+  }
+  if (static_cast<int64_t>(weights.size()) != states * spec.per_direction()) return std::nullopt;
+  for (const at::Tensor& w : weights)
+    if (!w.defined() || w.scalar_type() != dtype || !w.is_cpu()) return std::nullopt;
+
+  std::vector<at::Tensor> result = stack(x, h, weights, std::nullopt, std::nullopt, spec);
+  at::Tensor out = m.batch_first ? result[0].transpose(0, 1) : result[0];
+  if (!batched) return std::make_tuple(out.squeeze(m.batch_first ? 0 : 1), result[1].squeeze(1));
+  return std::make_tuple(out, result[1]);
+}
+
 // A node with a layer's inputs and outputs and no work, for benchmarks: what eager autograd
 // itself costs an extension's call (graph, engine, gradient accumulation).
 struct NoWork : torch::autograd::Function<NoWork> {

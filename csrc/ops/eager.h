@@ -42,6 +42,23 @@ std::vector<at::Tensor> stack(const at::Tensor& x, const at::Tensor& hx, const s
                               const std::optional<at::Tensor>& batch_sizes,
                               const std::optional<at::Tensor>& reverse_index, const stack::Spec& spec);
 
+// A torch.nn.RNN module's attributes, as module_forward reads them.
+struct ModuleArgs {
+  int64_t input_size, hidden_size;
+  bool batch_first;
+  stack::Spec spec;
+};
+
+// A whole module call, RNN.forward(input, hx) with a plain tensor on the CPU, in C++: the
+// module's reshaping (unbatched input, batch_first, zeros for an absent hx) around `stack`.
+// Returns {out, h_n}, or nullopt wherever the call is not the common case or would fail torch.nn's
+// checks: the module then takes its Python path, which has every case and raises every error in
+// torch.nn's words, so none is repeated here.
+std::optional<std::tuple<at::Tensor, at::Tensor>> module_forward(const at::Tensor& input,
+                                                                 const std::optional<at::Tensor>& hx,
+                                                                 const std::vector<at::Tensor>& weights,
+                                                                 const ModuleArgs& m);
+
 // One RNNCell step h' (the rnn_cell op's arguments), recording its node as `stack` does.
 at::Tensor cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,

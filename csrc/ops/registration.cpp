@@ -146,6 +146,18 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("hx"), pybind11::arg("weights"), pybind11::arg("batch_sizes"), pybind11::arg("reverse_index"),
       pybind11::arg("num_layers"), pybind11::arg("bidirectional"), pybind11::arg("bias"),
       pybind11::arg("nonlinearity"));
+  m.def(
+      "rnn_module_forward",
+      [](const at::Tensor& input, const std::optional<at::Tensor>& hx, const std::vector<at::Tensor>& weights,
+         int64_t num_layers, bool bidirectional, bool bias, std::string_view nonlinearity, bool batch_first,
+         int64_t input_size, int64_t hidden_size) {
+        return eager::module_forward(input, hx, weights,
+                                     {input_size, hidden_size, batch_first, {num_layers, bidirectional, bias, nonlinearity}});
+      },
+      "RNN.forward's (out, h_n) for a plain CPU tensor, or None where the module's Python path must run (eager.h)",
+      no_gil, pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("weights"), pybind11::arg("num_layers"),
+      pybind11::arg("bidirectional"), pybind11::arg("bias"), pybind11::arg("nonlinearity"),
+      pybind11::arg("batch_first"), pybind11::arg("input_size"), pybind11::arg("hidden_size"));
   // A small step is over before another thread could take the GIL: only larger ones let it go.
   m.def(
       "rnn_cell",

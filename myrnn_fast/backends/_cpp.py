@@ -12,6 +12,11 @@ write 16-bit storage; CUDA computes it in float32); complex RNNs, which torch.nn
 
 How a call reaches the kernels (the one place that says why):
 
+- **An RNN module's usual call** (a plain CPU tensor, nothing recorded, autocast off: the module
+  checks those in Python) goes whole to ``_C.rnn_module_forward``: the module's reshaping and
+  checks in C++ around ``_C.rnn_stack``'s work, or ``None`` where the call is anything else, for
+  the module's Python path (which raises torch.nn's errors). It saves about half of the Python a
+  forward paid before, at short sequences most of its cost above the kernels.
 - **Eager calls on plain tensors** go through two entries of the extension: ``_C.rnn_stack``, a
   whole ``RNN`` (every layer and direction; :func:`layer` is a one-layer stack), and
   ``_C.rnn_cell``, one ``RNNCell`` step. Each records its autograd node in C++
@@ -54,6 +59,7 @@ else:
     from .. import autotune
 
     autotune.bind(_C)  # loads the saved path choices named by knob cpu_autotune_file
+    module_forward = _C.rnn_module_forward  # RNN.forward's usual call whole (modules.py, RNN.forward)
 
 
 def unavailable_reason() -> str | None:

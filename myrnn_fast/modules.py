@@ -528,6 +528,14 @@ class RNNCell(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        # The usual call whole in one C++ entry where the backend has one, as in RNN.forward.
+        if type(input) is Tensor and (hx is None or type(hx) is Tensor) and not _recording_or_autocast():
+            whole = getattr(registry.cpu_kernels(self.backend), "cell_module_forward", None)
+            if whole is not None:
+                h = whole(input, hx, *_weights(self, _CELL_WEIGHTS), self.nonlinearity, self.input_size,
+                          self.hidden_size)
+                if h is not None:
+                    return h
         x = _tensor(input, "input")
         if x.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {x.dim()}D instead")

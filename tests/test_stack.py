@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_sequence
 import myrnn_fast
 import myrnn_fast.config as config
 from myrnn_fast import registry
-from parity import assert_close, randn, rnn_pair
+from parity import assert_close, cell_pair, randn, rnn_pair
 
 
 def _close(actual, expected, what="value"):
@@ -286,3 +286,90 @@ def test_whole_call_declines_what_the_python_path_must_answer():
     assert _declined(ours, torch.complex(x, x))
     ours.nonlinearity = "gelu"
     assert _declined(ours, x, hx)
+
+
+def _cell_python_path(monkeypatch, cell, *args):
+    """The cell's call with its whole-call entry withheld: its Python path over ``_C.rnn_cell``."""
+    from myrnn_fast.backends import _cpp
+
+    with monkeypatch.context() as m:
+        m.setattr(_cpp, "cell_module_forward", None)
+        return cell(*args)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_whole_cell_call_equals_the_python_path(monkeypatch, batched, with_hx, bias):
+    """RNNCell.forward's C++ entry reshapes as the cell's Python path does (unbatched input,
+    zeros for an absent hx): the same h' and gradients, bit for bit, and it is the route taken."""
+    from myrnn_fast.backends import _cpp
+
+    _, ours = cell_pair("cpp", 3, 5, bias=bias)
+    x = randn(*((2, 3) if batched else (3,)), seed=1)
+    hx = randn(*((2, 5) if batched else (5,)), seed=2) if with_hx else None
+    args = (x, hx) if with_hx else (x,)
+    taken = []
+    entry = _cpp.cell_module_forward
+    monkeypatch.setattr(_cpp, "cell_module_forward", lambda *a: taken.append(entry(*a)) or taken[-1])
+    results = []
+    for run in (lambda: ours(*args), lambda: _cell_python_path(monkeypatch, ours, *args)):
+        h = run()
+        leaves = [x] + ([hx] if with_hx else []) + list(ours.parameters())
+        results.append((h, *torch.autograd.grad(h, leaves, h.detach().cos())))
+    assert len(taken) == 1 and taken[0] is not None
+    assert results[0][0].shape == results[1][0].shape == ((2, 5) if batched else (5,))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def _cell_declined(ours, x, hx=None):
+    from myrnn_fast.backends import _cpp
+
+    return _cpp.cell_module_forward(x, hx, ours.weight_ih, ours.weight_hh, ours.bias_ih, ours.bias_hh,
+                                    ours.nonlinearity, ours.input_size, ours.hidden_size) is None
+
+
+def test_whole_cell_call_declines_what_the_python_path_must_answer():
+    """As the RNN's entry: every call it does not run whole comes back as None, never an error
+    of its own, whatever the module's attributes were set to."""
+    _, ours = cell_pair("cpp", 3, 5)
+    x, hx = randn(2, 3, seed=1), randn(2, 5, seed=2)
+    assert not _cell_declined(ours, x, hx) and not _cell_declined(ours, x) and not _cell_declined(ours, x[0], hx[0])
+    assert _cell_declined(ours, randn(2, 4, seed=1), hx)  # input size
+    assert _cell_declined(ours, x[0], hx)  # unbatched input, batched hx
+    assert _cell_declined(ours, x, hx[0])  # and the reverse
+    assert _cell_declined(ours, x, randn(3, 5, seed=2))  # hx batch
+    assert _cell_declined(ours, x, randn(2, 4, seed=2))  # hx size
+    assert _cell_declined(ours, x, hx.float())  # hx dtype
+    assert _cell_declined(ours, x.float(), hx.float())  # input dtype against the weights'
+    assert _cell_declined(ours, randn(1, 2, 3, seed=1))  # 3-D
+    assert _cell_declined(ours, x.to("meta"))  # not on the CPU
+    assert _cell_declined(ours, x.long())  # not floating
+    assert _cell_declined(ours, torch.complex(x, x))
+    for attribute, value in (("nonlinearity", "gelu"), ("nonlinearity", None), ("input_size", 3.0),
+                             ("hidden_size", "5")):
+        original = getattr(ours, attribute)
+        setattr(ours, attribute, value)
+        assert _cell_declined(ours, x, hx), (attribute, value)
+        setattr(ours, attribute, original)
+    with torch.no_grad():
+        ours.bias_hh = None  # one bias without the other
+    assert _cell_declined(ours, x, hx)
+    ours.weight_hh = None
+    assert _cell_declined(ours, x, hx)
+
+
+def test_whole_call_declines_attributes_of_another_type():
+    """A module attribute set to another type (users may set anything) is declined, not a
+    pybind11 TypeError: the Python path then answers it as torch.nn would."""
+    _, ours = rnn_pair("cpp", 3, 5, 1)
+    x = randn(4, 2, 3, seed=1)
+    for attribute, value in (("nonlinearity", None), ("num_layers", 1.0), ("batch_first", 0), ("bias", 1),
+                             ("input_size", 3.0), ("hidden_size", None)):
+        original = getattr(ours, attribute)
+        setattr(ours, attribute, value)
+        assert _declined(ours, x), (attribute, value)
+        setattr(ours, attribute, original)
+    ours.weight_hh_l0 = None
+    assert _declined(ours, x)

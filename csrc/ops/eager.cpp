@@ -200,6 +200,38 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> module_forward(const at::Tenso
   return std::make_tuple(out, result[1]);
 }
 
+std::optional<at::Tensor> cell_module_forward(const at::Tensor& input, const std::optional<at::Tensor>& hx,
+                                              const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                              const std::optional<at::Tensor>& b_ih,
+                                              const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity,
+                                              int64_t input_size, int64_t hidden_size) {
+  // The module's checks (modules.py, RNNCell.forward and _check_forward_args) as one test each.
+  const int64_t dim = input.dim();
+  if (!input.is_cpu() || !at::isFloatingType(input.scalar_type()) || (dim != 1 && dim != 2)) return std::nullopt;
+  if (hx && hx->dim() != dim) return std::nullopt;  // a batched hx for unbatched input, or the reverse
+  if (nonlinearity != "tanh" && nonlinearity != "relu") return std::nullopt;
+  const bool batched = dim == 2;
+  const at::Tensor x = batched ? input : input.unsqueeze(0);
+  const int64_t batch = x.size(0);
+  const at::ScalarType dtype = x.scalar_type();
+  if (x.size(1) != input_size) return std::nullopt;
+  const auto usual = [&](const at::Tensor& t, c10::IntArrayRef shape) {
+    return t.defined() && t.sizes() == shape && t.scalar_type() == dtype && t.is_cpu();
+  };
+  if (!usual(w_ih, {hidden_size, input_size}) || !usual(w_hh, {hidden_size, hidden_size})) return std::nullopt;
+  if (b_ih.has_value() != b_hh.has_value()) return std::nullopt;
+  if (b_ih && !(usual(*b_ih, {hidden_size}) && usual(*b_hh, {hidden_size}))) return std::nullopt;
+  at::Tensor h;
+  if (hx) {
+    h = batched ? *hx : hx->unsqueeze(0);
+    if (!usual(h, {batch, hidden_size})) return std::nullopt;
+  } else {
+    h = at::zeros({batch, hidden_size}, x.options());
+  }
+  at::Tensor y = cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+  return batched ? y : y.squeeze(0);
+}
+
 // A node with a layer's inputs and outputs and no work, for benchmarks: what eager autograd
 // itself costs an extension's call (graph, engine, gradient accumulation).
 struct NoWork : torch::autograd::Function<NoWork> {

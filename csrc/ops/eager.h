@@ -64,6 +64,15 @@ at::Tensor cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih
                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                 c10::string_view nonlinearity);
 
+// A whole RNNCell module call, RNNCell.forward(input, hx) with plain CPU tensors, in C++: the
+// module's reshaping (unbatched input, zeros for an absent hx) around `cell`. Returns h', or
+// nullopt wherever module_forward would (the module's Python path then runs and raises).
+std::optional<at::Tensor> cell_module_forward(const at::Tensor& input, const std::optional<at::Tensor>& hx,
+                                              const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                              const std::optional<at::Tensor>& b_ih,
+                                              const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity,
+                                              int64_t input_size, int64_t hidden_size);
+
 // For benchmarks: a node with a layer's inputs (x [T, B, I] and its weights) and outputs
 // ({out [T, B, hidden], h_n [1, B, hidden]}, uninitialized) that does no work, forward or backward.
 std::vector<at::Tensor> no_work(const at::Tensor& x, const std::vector<at::Tensor>& weights, int64_t hidden);

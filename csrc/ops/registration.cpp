@@ -24,8 +24,12 @@
 #include "ops/rnn_cuda.h"
 #endif
 
+#include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
+#include <tuple>
+#include <vector>
 
 namespace myrnn_fast {
 namespace {
@@ -74,6 +78,34 @@ auto below_autograd(R (*kernel)(Args...)) {
     return kernel(std::forward<Args>(args)...);
   };
 }
+
+// A module attribute as the whole-call entries read it, or nullopt where it is not exactly of
+// that type (a user may set an attribute to anything): the entry then declines, and the module's
+// Python path says what is wrong, as torch.nn would. Read with the GIL held.
+std::optional<int64_t> exact_int(pybind11::handle h) {
+  if (!PyLong_CheckExact(h.ptr())) return std::nullopt;
+  int overflow = 0;
+  const long long value = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  return overflow ? std::nullopt : std::optional<int64_t>(value);
+}
+
+std::optional<bool> exact_bool(pybind11::handle h) {
+  return PyBool_Check(h.ptr()) ? std::optional<bool>(h.ptr() == Py_True) : std::nullopt;
+}
+
+// A view of the string's UTF-8, which lives as long as the (referenced) string object.
+std::optional<std::string_view> exact_str(pybind11::handle h) {
+  if (!PyUnicode_CheckExact(h.ptr())) return std::nullopt;
+  Py_ssize_t size = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(h.ptr(), &size);
+  if (data == nullptr) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  return std::string_view(data, static_cast<size_t>(size));
+}
+
+at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); }
 
 }  // namespace
 }  // namespace myrnn_fast
@@ -134,6 +166,7 @@ PYBIND11_MODULE(_C, m) {
   // call, on the tensors' device, with its autograd node recorded in C++.
   namespace stack = myrnn_fast::stack;
   namespace eager = myrnn_fast::eager;
+  using myrnn_fast::exact_bool, myrnn_fast::exact_int, myrnn_fast::exact_str, myrnn_fast::or_undefined;
   m.def(
       "rnn_stack",
       [](const at::Tensor& x, const at::Tensor& hx, const std::vector<at::Tensor>& weights,
@@ -146,16 +179,27 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("hx"), pybind11::arg("weights"), pybind11::arg("batch_sizes"), pybind11::arg("reverse_index"),
       pybind11::arg("num_layers"), pybind11::arg("bidirectional"), pybind11::arg("bias"),
       pybind11::arg("nonlinearity"));
+  // The whole-call entries read the module's attributes as they are (exact_int and the others
+  // above) and decline what is not the usual call, so that the module's Python path answers it.
   m.def(
       "rnn_module_forward",
-      [](const at::Tensor& input, const std::optional<at::Tensor>& hx, const std::vector<at::Tensor>& weights,
-         int64_t num_layers, bool bidirectional, bool bias, std::string_view nonlinearity, bool batch_first,
-         int64_t input_size, int64_t hidden_size) {
-        return eager::module_forward(input, hx, weights,
-                                     {input_size, hidden_size, batch_first, {num_layers, bidirectional, bias, nonlinearity}});
+      [](const at::Tensor& input, const std::optional<at::Tensor>& hx,
+         const std::vector<std::optional<at::Tensor>>& weights, pybind11::handle num_layers,
+         pybind11::handle bidirectional, pybind11::handle bias, pybind11::handle nonlinearity,
+         pybind11::handle batch_first, pybind11::handle input_size,
+         pybind11::handle hidden_size) -> std::optional<std::tuple<at::Tensor, at::Tensor>> {
+        const auto layers = exact_int(num_layers), in = exact_int(input_size), hidden = exact_int(hidden_size);
+        const auto both = exact_bool(bidirectional), biased = exact_bool(bias), first = exact_bool(batch_first);
+        const auto name = exact_str(nonlinearity);
+        if (!layers || !in || !hidden || !both || !biased || !first || !name) return std::nullopt;
+        std::vector<at::Tensor> w;
+        w.reserve(weights.size());
+        for (const auto& t : weights) w.push_back(or_undefined(t));
+        pybind11::gil_scoped_release no_gil;
+        return eager::module_forward(input, hx, w, {*in, *hidden, *first, {*layers, *both, *biased, *name}});
       },
       "RNN.forward's (out, h_n) for a plain CPU tensor, or None where the module's Python path must run (eager.h)",
-      no_gil, pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("weights"), pybind11::arg("num_layers"),
+      pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("weights"), pybind11::arg("num_layers"),
       pybind11::arg("bidirectional"), pybind11::arg("bias"), pybind11::arg("nonlinearity"),
       pybind11::arg("batch_first"), pybind11::arg("input_size"), pybind11::arg("hidden_size"));
   // A small step is over before another thread could take the GIL: only larger ones let it go.
@@ -171,6 +215,25 @@ PYBIND11_MODULE(_C, m) {
       },
       "one RNNCell step, differentiable", pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("w_ih"),
       pybind11::arg("w_hh"), pybind11::arg("b_ih"), pybind11::arg("b_hh"), pybind11::arg("nonlinearity"));
+  m.def(
+      "rnn_cell_module_forward",
+      [](const at::Tensor& input, const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& w_ih,
+         const std::optional<at::Tensor>& w_hh, const std::optional<at::Tensor>& b_ih,
+         const std::optional<at::Tensor>& b_hh, pybind11::handle nonlinearity, pybind11::handle input_size,
+         pybind11::handle hidden_size) -> std::optional<at::Tensor> {
+        const auto name = exact_str(nonlinearity);
+        const auto in = exact_int(input_size), hidden = exact_int(hidden_size);
+        if (!name || !in || !hidden || !w_ih || !w_hh) return std::nullopt;
+        const int64_t multiply_adds = (input.dim() == 2 ? input.size(0) : 1) * (w_ih->numel() + w_hh->numel());
+        if (multiply_adds < myrnn_fast::knobs::cpu_cell_gil_release_min_work.get())
+          return eager::cell_module_forward(input, hx, *w_ih, *w_hh, b_ih, b_hh, *name, *in, *hidden);
+        pybind11::gil_scoped_release no_gil_while_computing;
+        return eager::cell_module_forward(input, hx, *w_ih, *w_hh, b_ih, b_hh, *name, *in, *hidden);
+      },
+      "RNNCell.forward's h' for plain CPU tensors, or None where the module's Python path must run (eager.h)",
+      pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("w_ih"), pybind11::arg("w_hh"),
+      pybind11::arg("b_ih"), pybind11::arg("b_hh"), pybind11::arg("nonlinearity"), pybind11::arg("input_size"),
+      pybind11::arg("hidden_size"));
   m.def("autograd_floor", &eager::no_work,
         "a layer's inputs and outputs through a C++ autograd node that does no work (benchmarks)", pybind11::arg("x"),
         pybind11::arg("weights"), pybind11::arg("hidden"));

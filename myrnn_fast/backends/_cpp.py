@@ -12,11 +12,12 @@ write 16-bit storage; CUDA computes it in float32); complex RNNs, which torch.nn
 
 How a call reaches the kernels (the one place that says why):
 
-- **An RNN module's usual call** (a plain CPU tensor, nothing recorded, autocast off: the module
-  checks those in Python) goes whole to ``_C.rnn_module_forward``: the module's reshaping and
-  checks in C++ around ``_C.rnn_stack``'s work, or ``None`` where the call is anything else, for
+- **A module's usual call** (a plain CPU tensor, nothing recorded, autocast off: the module
+  checks those in Python) goes whole to ``_C.rnn_module_forward`` (``RNN``) or
+  ``_C.rnn_cell_module_forward`` (``RNNCell``): the module's reshaping and checks in C++ around
+  ``_C.rnn_stack``'s or ``_C.rnn_cell``'s work, or ``None`` where the call is anything else, for
   the module's Python path (which raises torch.nn's errors). It saves about half of the Python a
-  forward paid before, at short sequences most of its cost above the kernels.
+  forward paid before, at short sequences and small steps most of its cost above the kernels.
 - **Eager calls on plain tensors** go through two entries of the extension: ``_C.rnn_stack``, a
   whole ``RNN`` (every layer and direction; :func:`layer` is a one-layer stack), and
   ``_C.rnn_cell``, one ``RNNCell`` step. Each records its autograd node in C++
@@ -60,6 +61,7 @@ else:
 
     autotune.bind(_C)  # loads the saved path choices named by knob cpu_autotune_file
     module_forward = _C.rnn_module_forward  # RNN.forward's usual call whole (modules.py, RNN.forward)
+    cell_module_forward = _C.rnn_cell_module_forward  # and RNNCell.forward's (modules.py, RNNCell.forward)
 
 
 def unavailable_reason() -> str | None:

@@ -227,12 +227,14 @@ def test_the_node_checks_its_saved_tensors_as_autograd_does():
     assert torch.equal(grad, torch.autograd.grad(ours(x)[0].sum(), x)[0])
 
 
-def _python_path(monkeypatch, module, *args):
-    """The module's call with the whole-call entry withheld: its Python path over ``rnn_stack``."""
+def _python_path(monkeypatch, module, *args, entry="module_forward"):
+    """The module's call with its whole-call entry (``_cpp.module_forward`` for RNN,
+    ``_cpp.cell_module_forward`` for RNNCell) withheld: its Python path over ``rnn_stack`` or
+    ``rnn_cell``."""
     from myrnn_fast.backends import _cpp
 
     with monkeypatch.context() as m:
-        m.setattr(_cpp, "module_forward", None)
+        m.setattr(_cpp, entry, None)
         return module(*args)
 
 
@@ -288,15 +290,6 @@ def test_whole_call_declines_what_the_python_path_must_answer():
     assert _declined(ours, x, hx)
 
 
-def _cell_python_path(monkeypatch, cell, *args):
-    """The cell's call with its whole-call entry withheld: its Python path over ``_C.rnn_cell``."""
-    from myrnn_fast.backends import _cpp
-
-    with monkeypatch.context() as m:
-        m.setattr(_cpp, "cell_module_forward", None)
-        return cell(*args)
-
-
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no_hx"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -313,7 +306,7 @@ def test_whole_cell_call_equals_the_python_path(monkeypatch, batched, with_hx, b
     entry = _cpp.cell_module_forward
     monkeypatch.setattr(_cpp, "cell_module_forward", lambda *a: taken.append(entry(*a)) or taken[-1])
     results = []
-    for run in (lambda: ours(*args), lambda: _cell_python_path(monkeypatch, ours, *args)):
+    for run in (lambda: ours(*args), lambda: _python_path(monkeypatch, ours, *args, entry="cell_module_forward")):
         h = run()
         leaves = [x] + ([hx] if with_hx else []) + list(ours.parameters())
         results.append((h, *torch.autograd.grad(h, leaves, h.detach().cos())))

@@ -308,9 +308,10 @@ class RNN(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input, hx: Tensor | None = None):
-        # The usual call first, whole in one C++ entry where the backend has one (cpp): a plain
-        # tensor, no program being recorded, autocast off; the entry checks the rest and returns
-        # None where the call is anything else, for the path below, which raises torch.nn's errors.
+        # The usual call first, whole in one entry where the backend has one (cpp's in C++, numba's;
+        # see backends/__init__.py): a plain tensor, no program being recorded, autocast off; the
+        # entry checks the rest and returns None where the call is anything else, for the path
+        # below, which raises torch.nn's errors.
         if type(input) is Tensor and (hx is None or type(hx) is Tensor) and not _recording_or_autocast():
             whole = getattr(registry.cpu_kernels(self.backend), "module_forward", None)
             if (
@@ -528,7 +529,7 @@ class RNNCell(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        # The usual call whole in one C++ entry where the backend has one, as in RNN.forward.
+        # The usual call whole in one entry where the backend has one, as in RNN.forward.
         if type(input) is Tensor and (hx is None or type(hx) is Tensor) and not _recording_or_autocast():
             whole = getattr(registry.cpu_kernels(self.backend), "cell_module_forward", None)
             if whole is not None:

@@ -26,6 +26,16 @@ It must equal that loop over ``layer`` (``modules.stacked_layers``), and
 returns ``None`` where it does not apply, for the module to run the loop. The module never uses
 it while dropout draws masks between layers.
 
+``module_forward(input, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_first,
+input_size, hidden_size) -> (out, h_n) | None`` and ``cell_module_forward(input, hx, w_ih, w_hh,
+b_ih, b_hh, nonlinearity, input_size, hidden_size) -> h' | None`` are the last two optional
+hooks, for CPU backends whose small calls are mostly the module's own Python (``cpp`` in C++,
+``numba``): ``RNN.forward`` / ``RNNCell.forward`` hand them their usual call whole (a plain
+tensor, nothing recorded, autocast off), arguments and attributes as they are. Each does the
+module's reshaping and checks, then what the module's Python path would do, with the same
+result bit for bit; it returns ``None`` for any other call, and for every call that path must
+answer with torch.nn's errors.
+
 Names, the same in every backend: ``batch_sizes`` is the active rows per step (a tensor here, a
 ``list[int]`` inside the Python backends, an int64 array in the numba kernels), ``seq_len`` a
 count of steps, ``batch`` the scalar ``B``, ``offsets`` each step's first packed row, and

@@ -9,7 +9,8 @@ Torch does what is not sequential (``_common``): the input projection of every s
 before the forward kernel, and the gradients of the input, the weights and the biases are single
 GEMMs after the backward kernel. Only the outputs are saved for the backward; the derivative of
 the nonlinearity is taken from them. The module's small one-layer calls skip all that (``stack``):
-one kernel call a pass, the projection and the gradients inside it.
+one kernel call a pass, the projection and the gradients inside it. The modules' usual calls
+come whole (``module_forward``, ``cell_module_forward``), skipping the modules' Python too.
 """
 
 from __future__ import annotations
@@ -402,22 +403,28 @@ def stack(x, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_s
     kernels read raw memory, so the weights' shapes and every layout are checked here."""
     if num_layers != 1 or bidirectional or batch_sizes is not None or not eager(x, DEVICE_TYPES):
         return None
-    dtype = x.dtype
     relu = _RELU.get(nonlinearity) if isinstance(nonlinearity, str) else None
-    if dtype not in _NUMPY_DTYPES or relu is None or len(weights) != (4 if bias else 2):
+    if x.dtype not in _NUMPY_DTYPES or relu is None or len(weights) != (4 if bias else 2):
         return None
+    return _fused_layer(x, hx[0], weights, bias, relu)
+
+
+def _fused_layer(x, h0, weights, bias, relu):
+    """:func:`stack`'s ``(out, h_n)`` of a float32/float64 layer with ``4 if bias else 2`` weights,
+    by the fused kernels, or ``None`` where the sizes or the weights' layouts are not theirs."""
     _start()
     seq_len, batch, features = x.shape
-    hidden = hx.shape[2]
+    hidden = h0.shape[1]
     limit = _knobs["numba_fused_max_work"]
     if not limit or seq_len * batch * features * hidden > limit or hidden >= _knobs["numba_gemm_min_hidden"]:
         return None
+    dtype = x.dtype
     w_ih, w_hh, b_ih, b_hh = weights if bias else (*weights, None, None)
     shapes = ((hidden, features), (hidden, hidden), (hidden,), (hidden,))
     for w, shape in zip(weights, shapes):
         if w.shape != shape or w.dtype is not dtype or not w.is_contiguous():
             return None
-    x, h0 = x.contiguous(), hx[0].contiguous()
+    x, h0 = x.contiguous(), h0.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, *weights)):
         return _Fused.apply(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
     return _fused_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
@@ -524,9 +531,14 @@ def cell_step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
     if (h.shape != (batch, hidden) or w_ih.shape != (hidden, features) or w_hh.shape != (hidden, hidden)
             or (bias and (b_ih.shape != (hidden,) or b_hh.shape != (hidden,)))):
         raise ValueError("numba backend: the shapes of the cell's arguments do not agree")
+    return _cell_run(x, h, w_ih, w_hh, b_ih, b_hh, relu, batch, features, hidden, dtype)
+
+
+def _cell_run(x, h, w_ih, w_hh, b_ih, b_hh, relu, batch, features, hidden, dtype):
+    """The step itself, on arguments checked by the caller."""
     if batch * hidden * (features + hidden) >= _knobs["numba_cell_gemm_min_work"]:
         return _cell_gemm(x, h, w_ih, w_hh, b_ih, b_hh, relu)
-    if bias:
+    if b_ih is not None:
         b_ih, b_hh = b_ih.contiguous(), b_hh.contiguous()
     else:
         b_ih = b_hh = torch.zeros(hidden, dtype=dtype)
@@ -549,6 +561,94 @@ def _cell_gemm(x, h, w_ih, w_hh, b_ih, b_hh, relu):
 
 _RELU = {"tanh": False, "relu": True}
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+# ---------------------------------------------------------------------------------------------
+# The modules' usual calls whole (modules.py: RNN.forward and RNNCell.forward, having checked that
+# nothing is recorded and autocast is off), as the cpp backend's C++ entries do: the module's
+# reshaping and checks here as one test each, then the route its Python path takes from there
+# (``stack`` or ``layer``; ``cell``), so the result is the same, bit for bit. At small sizes that
+# path's Python costs more than the kernel. Anything else, including every call the path must
+# answer with torch.nn's errors, comes back as None, for that path.
+
+
+def _usual(t, shape, dtype) -> bool:
+    """A strided CPU tensor of this shape and dtype, as the kernels take it."""
+    return (isinstance(t, Tensor) and t.shape == shape and t.dtype is dtype and t.is_cpu
+            and t.layout is torch.strided)
+
+
+def module_forward(input, hx, weights, num_layers, bidirectional, bias, nonlinearity, batch_first, input_size,
+                   hidden_size):
+    """``RNN.forward``'s ``(out, h_n)`` for one dense layer in one direction, or ``None``."""
+    if (type(num_layers) is not int or num_layers != 1 or bidirectional is not False or type(bias) is not bool
+            or type(batch_first) is not bool or type(input_size) is not int or type(hidden_size) is not int
+            or type(nonlinearity) is not str or nonlinearity not in _RELU):
+        return None
+    dim, dtype = input.dim(), input.dtype
+    if dim not in (2, 3) or dtype not in _NUMPY_DTYPES or not input.is_cpu or input.layout is not torch.strided:
+        return None
+    if dim == 2:  # unbatched [T, I], batch_first or not
+        x = input.unsqueeze(1)
+    else:
+        x = input.transpose(0, 1) if batch_first else input
+    seq_len, batch, features = x.shape
+    if seq_len == 0 or features != input_size or len(weights) != (4 if bias else 2):
+        return None
+    if hx is None:
+        h = torch.zeros(1, batch, hidden_size, dtype=dtype)
+    else:
+        if hx.dim() != dim:
+            return None
+        h = hx if dim == 3 else hx.unsqueeze(1)
+        if not _usual(h, (1, batch, hidden_size), dtype):
+            return None
+    for w in weights:
+        if not isinstance(w, Tensor) or w.dtype is not dtype or not w.is_cpu:
+            return None
+    result = _fused_layer(x, h[0], weights, bias, _RELU[nonlinearity])
+    if result is None:
+        w_ih, w_hh, b_ih, b_hh = weights if bias else (*weights, None, None)
+        out, h_n = layer(x, h[0], w_ih, w_hh, b_ih, b_hh, nonlinearity)
+        result = out, h_n.unsqueeze(0)
+    out, h_n = result
+    if dim == 2:
+        return out.squeeze(1), h_n.squeeze(1)
+    return (out.transpose(0, 1) if batch_first else out), h_n
+
+
+def cell_module_forward(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, input_size, hidden_size):
+    """``RNNCell.forward``'s h', or ``None``."""
+    if type(nonlinearity) is not str or type(input_size) is not int or type(hidden_size) is not int:
+        return None
+    relu = _RELU.get(nonlinearity)
+    dim, dtype = input.dim(), input.dtype
+    if (relu is None or dim not in (1, 2) or dtype not in _NUMPY_DTYPES or not input.is_cpu
+            or input.layout is not torch.strided):
+        return None
+    x = input if dim == 2 else input.unsqueeze(0)
+    batch, features = x.shape
+    if features != input_size:
+        return None
+    if hx is None:
+        h = torch.zeros(batch, hidden_size, dtype=dtype)
+    else:
+        if hx.dim() != dim:
+            return None
+        h = hx if dim == 2 else hx.unsqueeze(0)
+    shape = (hidden_size,)
+    if (not _usual(h, (batch, hidden_size), dtype) or not _usual(w_ih, (hidden_size, features), dtype)
+            or not _usual(w_hh, (hidden_size, hidden_size), dtype) or (b_ih is None) != (b_hh is None)
+            or (b_ih is not None and not (_usual(b_ih, shape, dtype) and _usual(b_hh, shape, dtype)))):
+        return None
+    if torch.is_grad_enabled() and (input.requires_grad or h.requires_grad or w_ih.requires_grad
+                                    or w_hh.requires_grad or (b_ih is not None and (b_ih.requires_grad
+                                                                                    or b_hh.requires_grad))):
+        y = layer(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, nonlinearity)[1]
+    else:
+        _start()
+        y = _cell_run(x, h, w_ih, w_hh, b_ih, b_hh, relu, batch, features, hidden_size, dtype)
+    return y if dim == 2 else y.squeeze(0)
 
 
 # ---------------------------------------------------------------------------------------------

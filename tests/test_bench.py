@@ -225,20 +225,21 @@ def test_cli_writes_the_report(tmp_path):
 # ---- the torch.mm floor and the peers ----------------------------------------------------------
 
 
-def test_fwd_bwd_rows_carry_the_mm_floor_of_their_own_rounds(result):
+def test_rows_carry_the_mm_floor_of_their_own_rounds(result):
     for row in result["results"]:
-        if row["pass"] != "fwd+bwd" or row["timed"] == "alone":  # the reference loop runs apart from the floor
+        if row["timed"] == "alone":  # the reference loop runs apart from the floor
             assert row["mm_floor_ms"] is None and row["fraction_of_floor"] is None
             continue
         assert row["mm_floor_ms"] > 0
         assert row["fraction_of_floor"] == pytest.approx(row["mm_floor_ms"] / row["median_ms"])
-    floors = {tuple(r["shape"].values()): r["mm_floor_ms"] for r in result["results"] if r["pass"] == "fwd+bwd"
-              and r["timed"] == "interleaved"}
-    assert set(floors) == {TINY, WIDE}
+    floors = {(tuple(r["shape"].values()), r["pass"]): r["mm_floor_ms"] for r in result["results"]
+              if r["timed"] == "interleaved"}
+    assert set(floors) == {(shape, pass_) for shape in (TINY, WIDE) for pass_ in workloads.PASSES}
     assert "torch.mm floor" in report.summary_table(result)[0]
 
 
-def test_the_mm_floor_runs_exactly_the_unavoidable_products():
+@pytest.mark.parametrize("pass_", workloads.PASSES)
+def test_the_mm_floor_runs_exactly_the_unavoidable_products(pass_):
     T, B, I, H = 4, 3, 2, 5
     shapes = []
 
@@ -248,12 +249,16 @@ def test_the_mm_floor_runs_exactly_the_unavoidable_products():
                 shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
             return func(*args, **(kwargs or {}))
 
-    floor = workloads.mm_floor((T, B, I, H))
+    floor = workloads.mm_floor((T, B, I, H), pass_=pass_)
     with Count():
         floor()
-    N = T * B
+    steps = 1 if pass_ == "cell" else T
+    N = steps * B
     projection, dw_ih, dw_hh, dx = ((N, I), (I, H)), ((H, N), (N, I)), ((H, N), (N, H)), ((N, H), (H, I))
-    assert sorted(shapes) == sorted([projection, *[((B, H), (H, H))] * (2 * T), dw_ih, dw_hh, dx])
+    expected = [projection, *[((B, H), (H, H))] * steps]
+    if pass_ == "fwd+bwd":
+        expected += [*[((B, H), (H, H))] * T, dw_ih, dw_hh, dx]
+    assert sorted(shapes) == sorted(expected)
 
 
 PEERS_HERE = [p for p in peers.PEERS if peers.unavailable_reason(p, "cpu") is None]

@@ -19,7 +19,7 @@ import torch
 from . import machine, peers as peers_, timing, workloads
 
 REFERENCE = "reference"
-FLOOR = "torch.mm floor"  # the fwd+bwd products alone, timed in the same rounds (workloads.mm_floor)
+FLOOR = "torch.mm floor"  # a pass's products alone, timed in the same rounds (workloads.mm_floor)
 
 
 @dataclass
@@ -60,7 +60,7 @@ def _row(impl, shape, pass_, measured: timing.Timing, baseline_s: float | None, 
         "peak_fraction": gflops / peak_gflops if peak_gflops else None,
         "timed": how,
         "peer": False,
-        "mm_floor_ms": None,  # fwd+bwd rows timed with the floor (interleaved) fill these two
+        "mm_floor_ms": None,  # rows timed with the floor (interleaved) fill these two
         "fraction_of_floor": None,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -175,8 +175,7 @@ def run(
         fns = {impl: workloads.workload(impl, shape, pass_, device, dtype) for impl in impls}
         checked = _build_peers(together, shape, pass_, device, dtype, skipped, say)
         fns.update({name: peer.fn for name, peer in checked.items()})
-        if pass_ == "fwd+bwd":
-            fns[FLOOR] = workloads.mm_floor(shape, device, dtype)
+        fns[FLOOR] = workloads.mm_floor(shape, device, dtype, pass_)
         timings = timing.interleaved(fns, grid.budget_s, grid.min_rounds, grid.max_rounds)
         del fns
         gc.collect()

@@ -211,14 +211,16 @@ def problem(shape, pass_: str, device="cpu", dtype=torch.float32, seed: int = 0)
     return module, randn(T, B, I).requires_grad_(pass_ == "fwd+bwd"), randn(T, B, H), randn(1, B, H)
 
 
-def mm_floor(shape, device="cpu", dtype=torch.float32) -> Callable[[], None]:
-    """The matrix products a ``fwd+bwd`` pass cannot avoid, each one ``torch.mm`` into a preallocated
-    output: the input projection of every step, one hidden-state product per step forward and one
-    backward, the weight gradients ``dW_ih`` and ``dW_hh``, and the input's gradient ``dx`` (the
-    pass needs it, see :func:`workload`). The nonlinearity, the biases and the per-step
-    bookkeeping are not among them. Its time is the floor an implementation's pass is
-    measured against."""
+def mm_floor(shape, device="cpu", dtype=torch.float32, pass_: str = "fwd+bwd") -> Callable[[], None]:
+    """The matrix products a pass cannot avoid, each one ``torch.mm`` into a preallocated output.
+    ``fwd``: the input projection of every step and one hidden-state product per step; ``cell``:
+    the same for one step. ``fwd+bwd`` adds one hidden-state product per step backward, the
+    weight gradients ``dW_ih`` and ``dW_hh``, and the input's gradient ``dx`` (the pass needs it,
+    see :func:`workload`). The nonlinearity, the biases and the per-step bookkeeping are not
+    among them. Its time is the floor an implementation's pass is measured against."""
     T, B, I, H = shape
+    if pass_ == "cell":
+        T = 1
     device = torch.device(device)
     sync = _synchronizer(device)
     N = T * B
@@ -230,10 +232,15 @@ def mm_floor(shape, device="cpu", dtype=torch.float32) -> Callable[[], None]:
     projected, dw_ih, dw_hh, dx = randn(N, H), randn(H, I), randn(H, H), randn(N, I)
     steps = [randn(B, H) for _ in range(2)]
 
+    backward = pass_ == "fwd+bwd"
+
     def floor():
         torch.mm(x, w_ih.t(), out=projected)
         for _ in range(T):
             torch.mm(steps[0], w_hh.t(), out=steps[1])  # forward: h_t = f(p_t + h_{t-1} W_hh^T)
+        if not backward:
+            sync()
+            return
         for _ in range(T):
             torch.mm(steps[1], w_hh, out=steps[0])  # backward: dz_t W_hh
         torch.mm(dz.t(), x, out=dw_ih)

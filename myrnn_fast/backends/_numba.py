@@ -556,7 +556,8 @@ def _cell_gemm(x, h, w_ih, w_hh, b_ih, b_hh, relu):
     else:
         out = torch.addmm(b_ih + b_hh, x, w_ih.t())
     out.addmm_(h, w_hh.t())
-    return out.relu_() if relu else out.tanh_()
+    kernels.activate(_view(out).reshape(-1), relu)
+    return out
 
 
 _RELU = {"tanh": False, "relu": True}
@@ -667,7 +668,7 @@ def warm_up() -> dict:
     start = time.perf_counter()
     compiled = (kernels.forward_rows, kernels.forward_parallel, kernels.forward_gemm, kernels.forward_columns,
                 kernels.backward_rows, kernels.backward_parallel, kernels.backward_gemm, kernels.backward_columns,
-                kernels.cell,
+                kernels.cell, kernels.activate,
                 kernels.layer_forward, kernels.layer_forward_parallel, kernels.layer_backward)
     plan = _plan([1, 1])
     for dtype in (np.float32, np.float64):
@@ -685,6 +686,7 @@ def warm_up() -> dict:
         kernels.backward_columns(out.copy(), out, h0, out, blocks, *args, blocks.copy())
         address = w.ctypes.data  # every operand 1 x 1
         kernels.cell(address, address, address, address, address, address, 1, False, h_n)
+        kernels.activate(h_n.reshape(-1), False)
         fused = (address, address, address, address, address, address, True, 1, False)
         kernels.layer_forward(*fused, h_n, h0)
         kernels.layer_forward_parallel(*fused, h_n, h0, 1)

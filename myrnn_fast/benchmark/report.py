@@ -60,6 +60,11 @@ def columns(report: dict) -> list[str]:
     return [*report["config"]["backends"], *report["config"].get("peers", [])]
 
 
+def _has_floor(report: dict) -> bool:
+    """Whether any row was timed beside its pass's torch.mm floor."""
+    return any(r.get("mm_floor_ms") for r in report["results"])
+
+
 def _floor_cell(report: dict, rows: list[dict]) -> str:
     """The torch.mm floor of a group, and the fastest backend's fraction of it."""
     floor = next((r["mm_floor_ms"] for r in rows if r.get("mm_floor_ms")), None)
@@ -77,7 +82,7 @@ def summary_table(report: dict) -> list[str]:
     median, then the torch.mm floor and our best fraction of it."""
     names = columns(report)
     peers = set(report["config"].get("peers", []))
-    with_floor = any(r.get("mm_floor_ms") for r in report["results"])
+    with_floor = _has_floor(report)
     index = _index(report)
     lines = [
         "| shape (T, B, I, H) | pass | torch.nn | "
@@ -155,7 +160,7 @@ def pasteable(report: dict) -> str:
            "for one step; fwd+bwd: those, T more hidden-state products, dW_ih, dW_hh and dx); then the "
            "fastest backend's fraction of it (floor / its time: 1 would be all products, no overhead; "
            "above 1, faster than `torch.mm` does them one call at a time)."]
-          if any(r.get("mm_floor_ms") for r in report["results"]) else []),
+          if _has_floor(report) else []),
         "",
         *summary_table(report),
     ]
